@@ -1,0 +1,707 @@
+"""Entry machinery: one option declaration gives click option, config key, docs row."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import click
+import dask.config
+from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
+
+from catalog._options import OptionType
+
+__all__ = [
+    "Entry",
+    "EntryPlugin",
+    "EntrySetupError",
+    "NannyEntryPlugin",
+    "Option",
+    "OptionError",
+    "SchedulerEntryPlugin",
+    "Settings",
+    "WorkerEntryPlugin",
+    "role_of",
+]
+
+logger = logging.getLogger("catalog")
+
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+MASK = "****"
+
+
+class OptionError(ValueError):
+    """A bad option value given in Python or in dask config."""
+
+
+class EntrySetupError(RuntimeError):
+    """An entry could not set up on a server while ``catalog.strict`` is true."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of an entry, declared once.
+
+    Attributes:
+        name: kebab-case name inside the entry, e.g. ``"task-limit"``.
+        type: the parser shared by CLI, Python and config.
+        default: the built-in default, as written in ``catalog.yaml``.
+        help: one sentence for ``--help``, ``dask catalog show`` and the docs.
+        multiple: a list; repeatable on the CLI.
+        secret: values are masked in logs and ``dask catalog status``.
+    """
+
+    name: str
+    type: OptionType
+    default: Any
+    help: str
+    multiple: bool = False
+    secret: bool = False
+
+    @property
+    def keyword(self) -> str:
+        """The Python keyword argument, e.g. ``task_limit``."""
+        return self.name.replace("-", "_")
+
+    def parse(self, value: Any, where: str) -> Any:
+        """Parse a Python or config value; raise OptionError naming ``where``."""
+        if self.multiple:
+            if value is None:
+                return ()
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list | tuple):
+                accepted = f"a list of {self.type.describe()}"
+                msg = f"invalid value for {where}: {value!r}; accepted: {accepted}"
+                raise OptionError(msg)
+            return tuple(self._parse_one(v, where) for v in items)
+        return self._parse_one(value, where)
+
+    def _parse_one(self, value: Any, where: str) -> Any:
+        try:
+            return self.type.convert(value, None, None)
+        except click.BadParameter as exc:
+            msg = f"invalid value for {where}: {exc.message}"
+            raise OptionError(msg) from None
+
+
+class Settings(SimpleNamespace):
+    """The resolved, plain (picklable) settings of one plugin."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class Entry:
+    """An entry of the catalog: its name, what it does, and its options.
+
+    The module ``catalog/<name>.py`` holds one ``Entry`` and the plugin classes
+    built on it; everything a user can spell is derived from ``options`` here.
+    """
+
+    name: str
+    summary: str
+    runs_on: Mapping[str, str]
+    options: Sequence[Option]
+    examples: Sequence[str] = ()
+    _by_keyword: dict[str, Option] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_keyword = {opt.keyword: opt for opt in self.options}
+
+    # -- the five spellings -------------------------------------------------
+    def flag(self, option: Option) -> str:
+        return f"--{self.name}-{option.name}"
+
+    def config_key(self, option: Option) -> str:
+        return f"catalog.{self.name}.{option.name}"
+
+    def env_var(self, option: Option) -> str:
+        return f"DASK_CATALOG__{self.name.upper()}__{option.keyword.upper()}"
+
+    @property
+    def plugin_name(self) -> str:
+        return f"catalog.{self.name}"
+
+    def option(self, name: str) -> Option:
+        return self._by_keyword[name.replace("-", "_")]
+
+    # -- resolution ---------------------------------------------------------
+    def resolve(self, given: Mapping[str, Any], owner: str = "") -> Settings:
+        """Explicit values win over dask config, which wins over the defaults.
+
+        Args:
+            given: keyword arguments passed in Python or parsed from the CLI.
+            owner: the class name, for error messages about unknown keywords.
+        """
+        unknown = sorted(set(given) - set(self._by_keyword))
+        if unknown:
+            msg = (
+                f"{owner or self.plugin_name}() got unknown option(s) {unknown}; "
+                f"options are: {sorted(self._by_keyword)}"
+            )
+            raise TypeError(msg)
+        values = {}
+        for opt in self.options:
+            if opt.keyword in given:
+                value, where = given[opt.keyword], f"{opt.keyword}= ({self.flag(opt)})"
+            else:
+                value = dask.config.get(self.config_key(opt), default=opt.default)
+                where = f"config {self.config_key(opt)}"
+            values[opt.keyword] = opt.parse(value, where)
+        return Settings(**values)
+
+    def masked(self, settings: Settings) -> dict[str, Any]:
+        """Settings for logs and status, with secret values hidden."""
+        shown = {}
+        for opt in self.options:
+            value = getattr(settings, opt.keyword)
+            if opt.secret and value:
+                value = MASK
+            elif opt.multiple and value:
+                value = [mask_assignment(v) if isinstance(v, str) else v for v in value]
+            shown[opt.keyword] = value
+        return shown
+
+    def defaults(self) -> dict[str, Any]:
+        """The config section this entry contributes to ``catalog.yaml``."""
+        return {opt.name: opt.default for opt in self.options}
+
+    # -- click ---------------------------------------------------------------
+    def click_options(self) -> list[click.Option]:
+        """One click option per declared option, defaulting to 'not given'."""
+        return [
+            click.Option(
+                [self.flag(opt), f"{self.name}__{opt.keyword}"],
+                type=opt.type,
+                multiple=opt.multiple,
+                default=None,
+                help=f"{opt.help} [config: {self.config_key(opt)}]",
+                metavar=opt.type.name.upper(),
+            )
+            for opt in self.options
+        ]
+
+    def given_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The entry's options that were actually given on a command line."""
+        given = {}
+        for opt in self.options:
+            value = params.get(f"{self.name}__{opt.keyword}")
+            if value is not None and value != ():
+                given[opt.keyword] = value
+        return given
+
+
+def mask_assignment(text: str) -> str:
+    """``NAME=value`` with the value hidden when NAME looks secret."""
+    name, sep, _ = text.partition("=")
+    if sep and looks_secret(name):
+        return f"{name}={MASK}"
+    return text
+
+
+def looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in SECRET_WORDS)
+
+
+# ---------------------------------------------------------------------------
+# Plugins
+# ---------------------------------------------------------------------------
+
+
+def role_of(server: Any) -> str:
+    """``"worker"``, ``"scheduler"``, ``"nanny"`` or ``"client"``."""
+    from distributed import Client, Nanny, Scheduler, Worker
+
+    for cls, role in (
+        (Worker, "worker"),
+        (Scheduler, "scheduler"),
+        (Nanny, "nanny"),
+        (Client, "client"),
+    ):
+        if isinstance(server, cls):
+            return role
+    return type(server).__name__.lower()
+
+
+def address_of(server: Any) -> str:
+    try:
+        return str(server.address)
+    except Exception:  # a server that is not listening yet
+        return "(not listening)"
+
+
+#: The plugin instance of each entry that is active on each server, so that a
+#: replacement (re-registration, a second preload) tears the old one down even
+#: where distributed does not (scheduler and nanny plugins replaced by name).
+_ACTIVE: weakref.WeakKeyDictionary[Any, dict[str, EntryPlugin]] = (
+    weakref.WeakKeyDictionary()
+)
+
+#: Plugin hooks that distributed calls at run time: wrapped so they never raise.
+RUNTIME_HOOKS = frozenset(
+    {
+        "transition",
+        "release_key",
+        "add_worker",
+        "remove_worker",
+        "add_client",
+        "remove_client",
+        "update_graph",
+        "log_event",
+        "restart",
+        "before_close",
+        "add_keys",
+    }
+)
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class EntryPlugin:
+    """What every catalog plugin shares: settings, strict setup, safe hooks, status.
+
+    Subclasses set ``entry`` and implement ``on_setup(server)`` and
+    ``on_teardown(server)``. ``__init__`` keeps only plain settings (the plugin is
+    pickled to workers); ``on_setup`` builds threads, files and collectors;
+    ``on_teardown`` undoes all of it and must cope with a setup that failed halfway.
+    """
+
+    entry: ClassVar[Entry]
+    name: str
+    idempotent = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "entry" in cls.__dict__:
+            cls.name = cls.entry.plugin_name
+        for hook in RUNTIME_HOOKS:
+            method = getattr(cls, hook, None)
+            # Wrap hooks written for the catalog (also in mixins), once each;
+            # distributed's own no-op defaults stay as they are.
+            if (
+                callable(method)
+                and not getattr(method, "_catalog_guarded", False)
+                and not method.__module__.startswith("distributed.")
+            ):
+                setattr(cls, hook, _guarded(method))
+
+    def __init__(self, **options: Any) -> None:
+        self.settings = self.entry.resolve(options, owner=type(self).__name__)
+        self.last_error: str | None = None
+        self.errors = 0
+        self.active = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Only plain settings travel; run-time state is rebuilt in setup.
+        return {"settings": self.settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.settings = state["settings"]
+        self.last_error = None
+        self.errors = 0
+        self.active = False
+
+    def __repr__(self) -> str:
+        args = ", ".join(
+            f"{k}={v!r}" for k, v in self.entry.masked(self.settings).items()
+        )
+        return f"{type(self).__name__}({args})"
+
+    # -- subclass interface -------------------------------------------------
+    def on_setup(self, server: Any) -> None:
+        """Build what the entry needs on ``server``."""
+
+    def on_teardown(self, server: Any) -> None:
+        """Undo ``on_setup``; must cope with a setup that failed halfway."""
+
+    # -- machinery ------------------------------------------------------------
+    def _setup(self, server: Any) -> None:
+        self.server = server
+        self.role = role_of(server)
+        previous = _ACTIVE.setdefault(server, {}).get(self.name)
+        if previous is not None and previous is not self:
+            previous._teardown(server)
+        _ACTIVE[server][self.name] = self
+        try:
+            self.on_setup(server)
+        except Exception as exc:
+            cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            msg = (
+                f"catalog entry {self.entry.name!r} could not set up on "
+                f"{self.role} {address_of(server)}: {cause}"
+            )
+            self.last_error = msg
+            self._disable()
+            self._safe_teardown(server)
+            if dask.config.get("catalog.strict", default=True):
+                logger.error("%s (catalog.strict is true: refusing to start)", msg)
+                raise EntrySetupError(msg) from exc
+            logger.error("%s (catalog.strict is false: going on without it)", msg)
+            return
+        self.active = True
+        logger.info(
+            "catalog entry %r active on %s %s: %s",
+            self.entry.name,
+            self.role,
+            address_of(server),
+            self.entry.masked(self.settings),
+        )
+
+    def _teardown(self, server: Any) -> None:
+        if _ACTIVE.get(server, {}).get(self.name) is self:
+            del _ACTIVE[server][self.name]
+        if self.active:
+            self.active = False
+            self._safe_teardown(server)
+        self._disable()
+
+    def _safe_teardown(self, server: Any) -> None:
+        try:
+            self.on_teardown(server)
+        except Exception:
+            logger.exception("catalog entry %r failed to tear down", self.entry.name)
+
+    def _disable(self) -> None:
+        # Instance attributes shadow the hooks, so distributed's calls cost nothing.
+        for hook in RUNTIME_HOOKS:
+            if hasattr(type(self), hook):
+                setattr(self, hook, _noop)
+
+    def report_error(self, what: str, exc: BaseException | str) -> None:
+        """Record a run-time error: one ERROR log line per entry, then counts only."""
+        cause = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        self.errors += 1
+        self.last_error = f"{what}: {cause}"
+        if self.errors == 1:
+            logger.error(
+                "catalog entry %r: %s (further errors are counted, not logged; "
+                "see `dask catalog status`)",
+                self.entry.name,
+                self.last_error,
+            )
+
+    def status(self) -> dict[str, Any]:
+        """What ``dask catalog status`` shows for this plugin."""
+        return {
+            "entry": self.entry.name,
+            "class": type(self).__name__,
+            "active": self.active,
+            "options": self.entry.masked(self.settings),
+            "last_error": self.last_error,
+            "errors": self.errors,
+        }
+
+
+def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a run-time hook so that no exception ever reaches distributed."""
+    if inspect.iscoroutinefunction(hook):
+
+        @functools.wraps(hook)
+        async def guarded_async(self: EntryPlugin, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await hook(self, *args, **kwargs)
+            except Exception as exc:
+                self.report_error(hook.__name__, exc)
+                return None
+
+        guarded_async._catalog_guarded = True  # type: ignore[attr-defined]
+        return guarded_async
+
+    @functools.wraps(hook)
+    def guarded(self: EntryPlugin, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as exc:
+            self.report_error(hook.__name__, exc)
+            return None
+
+    guarded._catalog_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
+class WorkerEntryPlugin(EntryPlugin, WorkerPlugin):
+    """Base of the entries' worker plugins."""
+
+    def setup(self, worker: Any) -> None:
+        self._setup(worker)
+
+    def teardown(self, worker: Any) -> None:
+        self._teardown(worker)
+
+
+class SchedulerEntryPlugin(EntryPlugin, SchedulerPlugin):
+    """Base of the entries' scheduler plugins."""
+
+    async def start(self, scheduler: Any) -> None:
+        self._setup(scheduler)
+
+    async def close(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            self._teardown(server)
+
+
+class NannyEntryPlugin(EntryPlugin, NannyPlugin):
+    """Base of the entries' nanny plugins."""
+
+    def setup(self, nanny: Any) -> None:
+        self._setup(nanny)
+
+    def teardown(self, nanny: Any) -> None:
+        self._teardown(nanny)
+
+
+# ---------------------------------------------------------------------------
+# Preloads
+# ---------------------------------------------------------------------------
+
+
+class FailedSetup(WorkerPlugin):
+    """Stands in for an entry that could not be built, so the worker refuses to start.
+
+    distributed only logs what a preload raises; a worker plugin given at
+    construction that fails its setup stops the worker before it registers.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.name = f"catalog.failed-setup.{abs(hash(message))}"
+
+    def setup(self, worker: Any) -> None:
+        raise EntrySetupError(self.message)
+
+
+class FailedSchedulerSetup(SchedulerPlugin):
+    """The scheduler's counterpart of :class:`FailedSetup`."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.name = f"catalog.failed-setup.{abs(hash(message))}"
+
+    async def start(self, scheduler: Any) -> None:
+        raise EntrySetupError(self.message)
+
+
+def refuse(server: Any, message: str) -> None:
+    """Apply the strict-mode rule for a preload that failed before any plugin ran."""
+    role = role_of(server)
+    if not dask.config.get("catalog.strict", default=True):
+        logger.error("%s (catalog.strict is false: going on without it)", message)
+        return
+    logger.error("%s (catalog.strict is true: refusing to start)", message)
+    if role == "worker":
+        _add_pending_worker_plugin(server, FailedSetup(message))
+    elif role == "scheduler":
+        server.add_plugin(FailedSchedulerSetup(message))
+    elif role == "nanny":
+        # The nanny's worker process is built from worker_kwargs: it fails to
+        # start, the nanny closes and `dask worker` exits non-zero.
+        plugins = set(server.worker_kwargs.get("plugins") or ())
+        plugins.add(FailedSetup(message))
+        server.worker_kwargs["plugins"] = plugins
+    else:
+        raise EntrySetupError(message)
+
+
+def _add_pending_worker_plugin(worker: Any, plugin: WorkerPlugin) -> bool:
+    """Queue ``plugin`` with the constructor plugins, if the worker is still starting.
+
+    Those are set up after the preloads and before the worker registers with the
+    scheduler, with errors raised: a strict failure stops the worker cleanly.
+    """
+    from distributed.core import Status
+
+    pending = getattr(worker, "_pending_plugins", None)
+    if worker.status == Status.init and pending is not None:
+        worker._pending_plugins = (*tuple(pending), plugin)
+        return True
+    return False
+
+
+async def install(
+    server: Any, entry: Entry, plugins: Mapping[str, Any], given: Mapping[str, Any]
+) -> None:
+    """Install one entry on ``server`` from its preload, as DESIGN.md describes.
+
+    Args:
+        server: the Scheduler, Worker, Nanny or Client given to ``dask_setup``.
+        entry: the entry.
+        plugins: the entry's plugin classes by role (worker, scheduler, nanny).
+        given: options given on the command line / in ``preload-argv``.
+    """
+    role = role_of(server)
+    try:
+        if role == "client":
+            built = [
+                plugins[r](**given)
+                for r in ("scheduler", "worker", "nanny")
+                if r in plugins
+            ]
+        elif role in plugins:
+            built = [plugins[role](**given)]
+        else:
+            built = []
+    except (OptionError, TypeError) as exc:
+        refuse(server, f"catalog entry {entry.name!r} on {role}: {exc}")
+        return
+    if not built:
+        logger.info("catalog entry %r has nothing to do on a %s", entry.name, role)
+        return
+    for plugin in built:
+        if role == "worker":
+            if not _add_pending_worker_plugin(server, plugin):
+                await server.plugin_add(plugin=plugin, catch_errors=False)
+        elif role == "scheduler":
+            server.add_plugin(plugin, name=plugin.name)
+            if server.status.name == "running":
+                await plugin.start(server)
+        elif role == "nanny":
+            await _nanny_setup(server, plugin)
+        elif role == "client":
+            await _client_register(server, plugin)
+
+
+async def _nanny_setup(nanny: Any, plugin: NannyEntryPlugin) -> None:
+    nanny.plugins[plugin.name] = plugin
+    try:
+        plugin.setup(nanny=nanny)
+    except EntrySetupError as exc:
+        refuse(nanny, str(exc))
+
+
+async def _client_register(client: Any, plugin: Any) -> None:
+    # The client's preloads run on its event loop: call the coroutines directly.
+    if isinstance(plugin, SchedulerPlugin):
+        await client._register_scheduler_plugin(
+            plugin, name=plugin.name, idempotent=False
+        )
+    elif isinstance(plugin, NannyPlugin):
+        await client._register_nanny_plugin(plugin, name=plugin.name, idempotent=False)
+    else:
+        await client._register_worker_plugin(plugin, name=plugin.name, idempotent=False)
+
+
+def uninstall(server: Any, entry: Entry) -> None:
+    """Tear down the entry's plugin on a server (``dask_teardown``)."""
+    plugin = _ACTIVE.get(server, {}).get(entry.plugin_name)
+    if plugin is not None:
+        plugin._teardown(server)
+
+
+def active_plugins(server: Any) -> dict[str, EntryPlugin]:
+    """The catalog plugins active on ``server``, by plugin name."""
+    return dict(_ACTIVE.get(server, {}))
+
+
+class PreloadCommand(click.Command):
+    """A ``dask_setup`` click command that keeps bad config argv from vanishing.
+
+    On the CLI distributed validates the argv with ``parse_args`` and exits 2 on a
+    usage error. From config (``preload-argv``) it calls ``make_context`` inside
+    a ``try`` that only logs; here a usage error is instead handed to the callback,
+    which applies the strict-mode rule.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        check: Callable[[dict[str, Any]], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.check = check
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        if self.check is not None:
+            self.check(ctx.params)
+        return rest
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            ctx = click.Context(self, info_name=info_name, parent=parent)
+            ctx.params = {"_usage_error": _describe_usage_error(exc)}
+            return ctx
+
+
+def _describe_usage_error(exc: click.ClickException) -> str:
+    return re.sub(r"\s+", " ", exc.format_message()).strip()
+
+
+def entry_preload(
+    entry: Entry, **plugins: type[EntryPlugin]
+) -> tuple[click.Command, Callable[[Any], None]]:
+    """Build an entry module's ``dask_setup`` click command and ``dask_teardown``.
+
+    Args:
+        entry: the entry.
+        **plugins: its plugin classes by role: ``worker=``, ``scheduler=``, ``nanny=``.
+    """
+
+    async def callback(
+        server: Any, _usage_error: str | None = None, **params: Any
+    ) -> None:
+        if _usage_error is not None:
+            refuse(server, f"catalog entry {entry.name!r} preload-argv: {_usage_error}")
+            return
+        await install(server, entry, plugins, entry.given_from_params(params))
+
+    def dask_teardown(server: Any) -> None:
+        uninstall(server, entry)
+
+    command = PreloadCommand(
+        "dask_setup",
+        params=entry.click_options(),
+        callback=callback,
+        help=f"catalog.{entry.name}: {entry.summary}",
+    )
+    command.entry = entry  # type: ignore[attr-defined]
+    command.plugins = plugins  # type: ignore[attr-defined]
+    return command, dask_teardown
+
+
+def now() -> float:
+    """Wall-clock seconds (the clock distributed stamps tasks with)."""
+    return time.time()
+
+
+def run_soon(server: Any, func: Callable[..., Any], *args: Any) -> None:
+    """Call ``func(*args)`` on the server's event loop, from any thread."""
+    loop = getattr(server, "loop", None)
+    if loop is None:
+        return
+    try:
+        loop.add_callback(func, *args)
+    except RuntimeError:  # loop closed at shutdown
+        pass
+
+
+def iter_entries(names: Iterable[str]) -> list[str]:
+    """Split repeatable, comma-separated entry lists."""
+    out = []
+    for item in names:
+        for name in str(item).split(","):
+            name = name.strip()
+            if name and name not in out:
+                out.append(name)
+    return out
