@@ -53,7 +53,7 @@ class OptionType(click.ParamType):
             return None
         try:
             return self.parse(value)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # dask's parsers raise IndexError, KeyError, ...
             reason = f" ({exc})" if str(exc) else ""
             self.fail(f"{value!r}{reason}; accepted: {self.accepted}", param, ctx)
 
