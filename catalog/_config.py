@@ -58,3 +58,17 @@ def share_distributed_log_handler() -> None:
         ours.addHandler(theirs[0])
         ours.setLevel(logging.INFO)
         ours.propagate = False
+
+
+def write_yaml(path: str = YAML_PATH) -> None:
+    """Regenerate catalog.yaml from the declarations (a maintainer's command)."""
+    header = (
+        "# dask-catalog's config defaults, registered on `import catalog`.\n"
+        "# Generated from the entries' option declarations: do not edit by hand;\n"
+        "# run python -c 'import catalog._config as c; c.write_yaml()'.\n"
+    )
+    with open(path, "w") as f:
+        f.write(header)
+        yaml.safe_dump(
+            expected_defaults(), f, sort_keys=False, default_flow_style=False
+        )

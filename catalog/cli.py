@@ -92,16 +92,76 @@ def show(entry: str) -> None:
     click.echo(show_text(entry))
 
 
+@main.command("status")
+@click.argument("address")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--timeout", default="10s", show_default=True, help="Connection timeout.")
+def status_command(address: str, as_json: bool, timeout: str) -> None:
+    """Which entries are active on the scheduler at ADDRESS and on its workers."""
+    from distributed import Client
+
+    from catalog.status import status, status_text
+
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise click.ClickException(
+            f"cannot reach the scheduler at {address}: {exc}"
+        ) from None
+    with client:
+        data = status(client)
+    click.echo(
+        json.dumps(data, indent=2, default=str) if as_json else status_text(data)
+    )
+
+
+@main.command("demo")
+@click.option(
+    "--output",
+    default="catalog-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for trace.json, events.jsonl, logs.jsonl and metrics.txt.",
+)
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Worker processes.",
+)
+@click.option(
+    "--enable",
+    "enable",
+    multiple=True,
+    metavar="ENTRY[,ENTRY...]",
+    help="Entries to turn on (default: all).",
+)
+@click.option(
+    "--keep-alive",
+    is_flag=True,
+    help="Leave the cluster up and print its URLs until Ctrl-C.",
+)
+def demo(output: str, workers: int, enable: tuple[str, ...], keep_alive: bool) -> None:
+    """Every entry at work on an embedded local cluster, in under a minute."""
+    from catalog._entry import iter_entries
+    from catalog.demo import DEMO_ENTRIES, run_demo
+
+    chosen = iter_entries(enable) if enable else list(DEMO_ENTRIES)
+    unknown = [name for name in chosen if name not in ENTRY_MODULES]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown entry {', '.join(map(repr, unknown))}; "
+            f"entries are: {', '.join(ENTRY_MODULES)}",
+            param_hint="'--enable'",
+        )
+    run_demo(output=output, workers=workers, enable=chosen, keep_alive=keep_alive)
+
+
 def _mount_entry_commands() -> None:
-    # Entries with commands of their own (for example `dask catalog trace`).
-    for name in ENTRY_MODULES:
-        try:
-            module = importlib.import_module(f"catalog.{name}")
-        except ImportError:  # pragma: no cover - an entry being written
-            continue
-        command: Any = getattr(module, "cli_command", None)
-        if isinstance(command, click.Command):
-            main.add_command(command)
+    from catalog.tracer import trace_cli
+
+    main.add_command(trace_cli, "trace")
 
 
 _mount_entry_commands()

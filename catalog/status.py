@@ -1,0 +1,109 @@
+"""Cluster-wide status: which catalog entries are active where, and their errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["local_status", "status", "status_text"]
+
+NOT_INSTALLED = "catalog is not installed on this server"
+
+
+def local_status(
+    dask_server: Any = None, dask_worker: Any = None, dask_scheduler: Any = None
+) -> dict:
+    """The catalog's status on one server (run there by ``client.run``)."""
+    import catalog
+    from catalog._entry import active_plugins
+
+    server = dask_server or dask_worker or dask_scheduler
+    return {
+        "catalog": catalog.__version__,
+        "entries": {
+            plugin.entry.name: plugin.status()
+            for plugin in active_plugins(server).values()
+        },
+    }
+
+
+def _as_status(result: Any) -> dict:
+    if isinstance(result, dict):
+        return result
+    # client.run(on_error="return") gives the exception of a server that could
+    # not run the function: most often one without the catalog installed.
+    cause = f"{type(result).__name__}: {result}"
+    missing = (
+        isinstance(result, ModuleNotFoundError | ImportError) or "catalog" in cause
+    )
+    return {
+        "catalog": None,
+        "entries": {},
+        "error": NOT_INSTALLED if missing else cause,
+    }
+
+
+def status(client: Any) -> dict:
+    """Which entries are active on the scheduler and on every worker.
+
+    Returns a plain dict::
+
+        {"scheduler": {"address": ..., "catalog": "0.1.0",
+                       "entries": {"events": {"active": True, "options": {...},
+                                              "last_error": None, "errors": 0, ...}}},
+         "workers": {"tcp://...": {"catalog": "0.1.0", "entries": {...}}, ...},
+         "nannies": {"tcp://...": {...}}}
+
+    A worker without the catalog installed shows ``"catalog": None`` and an
+    ``"error"`` saying so, rather than failing the call. Option values of secret
+    options and of secret-looking ``NAME=value`` pairs are masked.
+    """
+    try:
+        scheduler = _as_status(client.run_on_scheduler(local_status))
+    except Exception as exc:  # a scheduler without the catalog
+        scheduler = _as_status(exc)
+    scheduler["address"] = client.scheduler.address
+    workers = client.run(local_status, on_error="return")
+    out = {
+        "scheduler": scheduler,
+        "workers": {
+            addr: _as_status(result) for addr, result in sorted(workers.items())
+        },
+    }
+    try:
+        nannies = client.run(local_status, nanny=True, on_error="return")
+    except Exception:  # no nannies at all
+        nannies = {}
+    out["nannies"] = {
+        addr: _as_status(result)
+        for addr, result in sorted(nannies.items())
+        if not isinstance(result, dict) or result.get("entries")
+    }
+    return out
+
+
+def status_text(data: dict) -> str:
+    """A table of :func:`status` output for people."""
+    lines = []
+
+    def server(role: str, address: str, info: dict) -> None:
+        version = info.get("catalog") or "-"
+        lines.append(f"{role} {address}  (catalog {version})")
+        if info.get("error"):
+            lines.append(f"  {info['error']}")
+        if not info.get("entries") and not info.get("error"):
+            lines.append("  no catalog entry active")
+        for name, entry in sorted(info.get("entries", {}).items()):
+            state = "active" if entry["active"] else "INACTIVE"
+            options = ", ".join(f"{k}={v!r}" for k, v in entry["options"].items())
+            lines.append(f"  {name:<9} {state:<8} {options}")
+            if entry.get("last_error"):
+                lines.append(
+                    f"            last error ({entry['errors']}): {entry['last_error']}"
+                )
+
+    server("scheduler", data["scheduler"]["address"], data["scheduler"])
+    for address, info in data["workers"].items():
+        server("worker", address, info)
+    for address, info in data.get("nannies", {}).items():
+        server("nanny", address, info)
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Every example in the docs runs: Python blocks are executed, dask commands parsed."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import click
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)```(?P<lang>\w+)[^\n]*\n(?P<body>.*?)^(?P=indent)```",
+    re.MULTILINE | re.DOTALL,
+)
+
+
+def blocks(lang: str) -> list[tuple[str, str]]:
+    """(id, code) of every fenced block in ``lang`` under docs/ and README.md."""
+    found = []
+    for path in sorted([*DOCS.rglob("*.md"), ROOT / "README.md"]):
+        text = path.read_text()
+        for index, match in enumerate(
+            m for m in FENCE.finditer(text) if m.group("lang") == lang
+        ):
+            body = textwrap.dedent(match.group("body"))
+            found.append((f"{path.relative_to(ROOT)}#{index}", body))
+    return found
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    # README's Python example connects to a scheduler that exists only on the
+    # reader's network; its syntax is checked, the docs' blocks are run.
+    return [
+        (name, code) for name, code in blocks("python") if not name.startswith("README")
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "code"), python_blocks(), ids=[b[0] for b in python_blocks()]
+)
+def test_python_examples_run(name, code, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, (
+        f"{name} failed:\n{code}\n--- stderr ---\n{result.stderr[-4000:]}"
+    )
+
+
+def test_readme_python_examples_compile():
+    for name, code in blocks("python"):
+        compile(code, name, "exec")
+
+
+def dask_commands() -> list[tuple[str, list[str]]]:
+    """Every `dask ...` command line in bash blocks, as argv after `dask`."""
+    commands = []
+    for name, body in blocks("bash"):
+        for line in body.replace("\\\n", " ").splitlines():
+            line = line.split(" && ")[-1] if "dask catalog" in line else line
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError:
+                continue
+            while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
+                words = words[1:]  # VAR=value prefixes
+            if len(words) > 1 and words[0] == "dask":
+                commands.append((name, words[1:]))
+    return commands
+
+
+def command_for(argv: list[str]) -> click.Command:
+    if argv[0] == "worker":
+        from distributed.cli.dask_worker import main
+    elif argv[0] == "scheduler":
+        from distributed.cli.dask_scheduler import main
+    elif argv[0] == "catalog":
+        from catalog.cli import main
+    else:  # pragma: no cover - a docs typo
+        pytest.fail(f"unknown dask command {argv}")
+    return main
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    dask_commands(),
+    ids=[" ".join(c[1])[:60] for c in dask_commands()],
+)
+def test_dask_command_lines_parse(name, argv):
+    """distributed's own click command parses the line, preload options included."""
+    command = command_for(argv)
+    args = argv[1:]
+    if argv[0] == "catalog":
+        with click.Context(command) as ctx:
+            command.parse_args(ctx, list(args))
+            sub = command.get_command(ctx, args[0])
+            assert sub is not None, f"{name}: no command {args[0]}"
+            sub.make_context(args[0], list(args[1:]), parent=ctx)
+    else:
+        command.make_context(f"dask {argv[0]}", list(args))
+
+
+def test_docs_have_examples():
+    assert len(python_blocks()) >= 7
+    assert len(dask_commands()) >= 7
