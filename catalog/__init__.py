@@ -23,7 +23,9 @@ __all__ = [
     "EventLog",
     "MemoryGuard",
     "Metrics",
+    "NannyStructuredLogging",
     "SchedulerMetrics",
+    "SchedulerStructuredLogging",
     "SchedulerTracer",
     "StructuredLogging",
     "Tracer",
@@ -44,6 +46,8 @@ ENTRY_MODULES = ("env", "logging", "metrics", "tracer", "memory", "watchdog", "e
 _FACADE = {
     "Environment": "env",
     "StructuredLogging": "logging",
+    "SchedulerStructuredLogging": "logging",
+    "NannyStructuredLogging": "logging",
     "Metrics": "metrics",
     "SchedulerMetrics": "metrics",
     "Tracer": "tracer",

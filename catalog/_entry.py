@@ -538,30 +538,27 @@ async def install(
     Args:
         server: the Scheduler, Worker, Nanny or Client given to ``dask_setup``.
         entry: the entry.
-        plugins: the entry's plugin classes by role (worker, scheduler, nanny).
+        plugins: the entry's plugin classes by role (worker, scheduler, nanny,
+            client).
         given: options given on the command line / in ``preload-argv``.
     """
     role = role_of(server)
+    # On a client the entry goes to the whole cluster (its scheduler, worker and
+    # nanny halves) and, where it has one, a client half acts in this process.
+    roles = ("scheduler", "worker", "nanny", "client") if role == "client" else (role,)
     try:
-        if role == "client":
-            built = [
-                plugins[r](**given)
-                for r in ("scheduler", "worker", "nanny")
-                if r in plugins
-            ]
-        elif role in plugins:
-            built = [plugins[role](**given)]
-        else:
-            built = []
+        built = [(r, plugins[r](**given)) for r in roles if r in plugins]
     except (OptionError, TypeError) as exc:
         refuse(server, f"catalog entry {entry.name!r} on {role}: {exc}")
         return
     if not built:
         logger.info("catalog entry %r has nothing to do on a %s", entry.name, role)
         return
-    for plugin in built:
+    for target, plugin in built:
         if role == "worker":
-            if not _add_pending_worker_plugin(server, plugin):
+            if getattr(plugin, "setup_in_preload", False):
+                await _worker_setup_now(server, plugin)
+            elif not _add_pending_worker_plugin(server, plugin):
                 await server.plugin_add(plugin=plugin, catch_errors=False)
         elif role == "scheduler":
             server.add_plugin(plugin, name=plugin.name)
@@ -569,8 +566,23 @@ async def install(
                 await plugin.start(server)
         elif role == "nanny":
             await _nanny_setup(server, plugin)
-        elif role == "client":
+        elif target == "client":
+            plugin._setup(server)
+        else:
             await _client_register(server, plugin)
+
+
+async def _worker_setup_now(worker: Any, plugin: WorkerPlugin) -> None:
+    """Set ``plugin`` up inside the preload, before the worker's startup lines.
+
+    For entries that must act first (logging). A strict failure still stops the
+    worker before it registers: a stand-in plugin that fails is queued.
+    """
+    try:
+        await worker.plugin_add(plugin=plugin, catch_errors=False)
+    except EntrySetupError as exc:
+        if not _add_pending_worker_plugin(worker, FailedSetup(str(exc))):
+            raise
 
 
 async def _nanny_setup(nanny: Any, plugin: NannyEntryPlugin) -> None:

@@ -1,0 +1,538 @@
+"""Structured logs: one JSON (or logfmt) line per record, saying where it came from."""
+
+from __future__ import annotations
+
+import io
+import logging
+import logging.handlers
+import os
+import socket
+import string
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+from dask.utils import key_split
+from distributed.utils import thread_state
+
+from catalog._entry import (
+    Entry,
+    NannyEntryPlugin,
+    Option,
+    SchedulerEntryPlugin,
+    Settings,
+    WorkerEntryPlugin,
+    entry_preload,
+    role_of,
+)
+from catalog._options import Choice, Integer, LogLevel, NameValue, Size, Text
+from catalog._runtime import safe_filename
+
+__all__ = [
+    "ENTRY",
+    "FIELDS",
+    "LogPath",
+    "LoggerLevel",
+    "NannyStructuredLogging",
+    "RotateSize",
+    "SchedulerStructuredLogging",
+    "ServerContext",
+    "StructuredLogging",
+    "dask_setup",
+    "dask_teardown",
+    "formatter",
+]
+
+logger = logging.getLogger("catalog.logging")
+
+#: The fields every line carries (plus ``key`` and ``prefix`` inside a task,
+#: ``exception`` with an exception, and a record's ``extra`` fields).
+FIELDS = (
+    "timestamp",
+    "level",
+    "logger",
+    "event",
+    "role",
+    "address",
+    "name",
+    "host",
+    "pid",
+)
+
+#: Placeholders a ``file`` path may use, so that processes sharing a path
+#: (a nanny and its worker, several workers on a host) get a file each.
+PATH_FIELDS = ("role", "pid", "host", "name")
+
+
+class LoggerLevel(NameValue):
+    """``NAME=LEVEL``: a logger name and a standard logging level."""
+
+    name = "logger=level"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "NAME=LEVEL with NAME a logger name such as distributed.worker and "
+            "LEVEL one of " + ", ".join(LogLevel.LEVELS)
+        )
+
+    def parse(self, value: Any) -> str:
+        name, _, level = super().parse(value).partition("=")
+        return f"{name}={LogLevel().parse(level)}"
+
+    def check(self, name: str, value: str) -> None:
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"{name!r} is not a logger name")
+        LogLevel().parse(value)
+
+
+class RotateSize(Size):
+    """A size with a unit at which the log file rotates, or 0 for never."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = 'a size such as "100MiB", or 0 for never'
+
+    def parse(self, value: Any) -> int:
+        if not isinstance(value, bool) and str(value).strip() in ("0", "0.0"):
+            return 0
+        return super().parse(value)
+
+
+class LogPath(Text):
+    """A file path, with optional ``{role}``, ``{pid}``, ``{host}``, ``{name}``."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a file path; may contain " + ", ".join(f"{{{f}}}" for f in PATH_FIELDS)
+        )
+
+    def parse(self, value: Any) -> str:
+        text = super().parse(value)
+        try:
+            fields = {
+                f for _, f, _, _ in string.Formatter().parse(text) if f is not None
+            }
+        except ValueError as exc:
+            raise ValueError(f"bad placeholder: {exc}") from None
+        unknown = sorted(fields - set(PATH_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {unknown}")
+        return text
+
+
+ENTRY = Entry(
+    name="logging",
+    summary="structured JSON / logfmt logs from every server and from the tasks",
+    runs_on={
+        "worker": "formats the worker process's logs; a task's lines carry its key",
+        "scheduler": "formats the scheduler process's logs",
+        "nanny": "formats the nanny process's logs",
+        "client": "registers the entry on the scheduler, workers and nannies",
+    },
+    options=[
+        Option(
+            "format",
+            Choice("json", "logfmt", "console"),
+            "json",
+            "How each line is rendered: json, logfmt, or console (for a person).",
+        ),
+        Option(
+            "level",
+            LogLevel(),
+            "INFO",
+            "Level of the root logger and of the catalog's loggers.",
+        ),
+        Option(
+            "logger",
+            LoggerLevel(),
+            [],
+            "Level of one logger, as NAME=LEVEL (e.g. distributed.worker=DEBUG).",
+            multiple=True,
+        ),
+        Option(
+            "file",
+            LogPath(),
+            None,
+            "Write to this file instead of stderr ({role}, {pid}, {host}, {name} "
+            "are filled in).",
+        ),
+        Option(
+            "rotate-bytes",
+            RotateSize(),
+            0,
+            "Rotate the file when it reaches this size (0: never).",
+        ),
+        Option(
+            "backups",
+            Integer(0),
+            5,
+            "How many rotated files to keep.",
+        ),
+    ],
+    examples=(
+        "dask worker tcp://127.0.0.1:8786 --preload catalog.logging "
+        "--logging-format json",
+        "dask scheduler --preload catalog.logging --logging-logger "
+        "distributed.scheduler=DEBUG",
+    ),
+)
+
+
+# ---------------------------------------------------------------------------
+# The processor chain
+# ---------------------------------------------------------------------------
+
+
+class ServerContext:
+    """A structlog processor adding where a line came from.
+
+    Adds ``role``, ``address``, ``name``, ``host`` and ``pid`` of the server the
+    process's pipeline belongs to and, inside a running task, the task's
+    ``key`` and ``prefix`` (and the executing worker's address and name).
+    Values already in the event (bound by the caller) are kept.
+
+    Args:
+        servers: the servers of this process, first one first; a live list.
+        host: the host name to report (default: ``socket.gethostname()``).
+        pid: the process id to report (default: ``os.getpid()``).
+
+    Example:
+        >>> ctx = ServerContext([], host="h", pid=1)
+        >>> ctx(None, "info", {"event": "hi"})["role"] is None
+        True
+    """
+
+    def __init__(
+        self, servers: Sequence[Any], host: str | None = None, pid: int | None = None
+    ) -> None:
+        self.servers = servers
+        self.host = host if host is not None else socket.gethostname()
+        self.pid = pid if pid is not None else os.getpid()
+        self._addresses: dict[int, str] = {}
+
+    def __call__(self, _: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        server = self.servers[0] if self.servers else None
+        key = getattr(thread_state, "key", None)
+        if key is not None:
+            event_dict.setdefault("key", key if isinstance(key, str) else str(key))
+            event_dict.setdefault("prefix", key_split(key))
+            state = getattr(thread_state, "execution_state", None) or {}
+            server = state.get("worker", server)
+        role = role_of(server) if server is not None else None
+        event_dict.setdefault("role", role)
+        event_dict.setdefault("address", self._address(server, role))
+        event_dict.setdefault("name", _name_of(server, role))
+        event_dict.setdefault("host", self.host)
+        event_dict.setdefault("pid", self.pid)
+        return event_dict
+
+    def _address(self, server: Any, role: str | None) -> str | None:
+        if server is None or role == "client":
+            return None
+        found = self._addresses.get(id(server))
+        if found is None:
+            try:
+                found = str(server.address)
+            except Exception:  # not listening yet: ask again next line
+                return None
+            self._addresses[id(server)] = found
+        return found
+
+
+def _name_of(server: Any, role: str | None) -> str | None:
+    if role in ("worker", "nanny"):
+        name = getattr(server, "name", None)
+    elif role == "client":
+        name = getattr(server, "id", None)
+    else:
+        return None
+    return None if name is None else str(name)
+
+
+def _drop_record_internals(
+    _: Any, __: str, event_dict: dict[str, Any]
+) -> dict[str, Any]:
+    # ExtraAdder copies every non-standard attribute of a record: keep the
+    # user's ``extra`` fields, drop what logging and other handlers left there.
+    for k in [k for k in event_dict if k.startswith("_") and k not in _META]:
+        del event_dict[k]
+    event_dict.pop("message", None)
+    event_dict.pop("asctime", None)
+    return event_dict
+
+
+_META = frozenset({"_record", "_from_structlog"})
+
+
+def _renderer(fmt: str, colors: bool) -> Callable[..., str]:
+    if fmt == "json":
+        return structlog.processors.JSONRenderer()
+    if fmt == "logfmt":
+        return structlog.processors.LogfmtRenderer(
+            key_order=["timestamp", "level", "logger", "event"], drop_missing=True
+        )
+    return structlog.dev.ConsoleRenderer(
+        colors=colors, exception_formatter=structlog.dev.plain_traceback
+    )
+
+
+def formatter(
+    format: str = "json",
+    context: ServerContext | None = None,
+    colors: bool = False,
+) -> structlog.stdlib.ProcessorFormatter:
+    """The ``logging.Formatter`` of the pipeline: structlog's ``ProcessorFormatter``.
+
+    Records from the standard library and from structlog loggers (configured
+    to end in ``ProcessorFormatter.wrap_for_formatter``) come out alike.
+
+    Args:
+        format: ``"json"``, ``"logfmt"`` or ``"console"``.
+        context: the processor adding server fields (default: no server).
+        colors: colour the console format.
+
+    Example:
+        >>> import json, logging
+        >>> record = logging.makeLogRecord({"msg": "hi %s", "args": ("x",)})
+        >>> json.loads(formatter("json").format(record))["event"]
+        'hi x'
+    """
+    fmt = Choice("json", "logfmt", "console").parse(format)
+    exceptions: list[Any] = (
+        [] if fmt == "console" else [structlog.processors.format_exc_info]
+    )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            context if context is not None else ServerContext([]),
+            structlog.processors.StackInfoRenderer(),
+            *exceptions,
+            _drop_record_internals,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _renderer(fmt, colors),
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------
+# The process-wide pipeline
+# ---------------------------------------------------------------------------
+
+
+class _Once(logging.Filter):
+    """Let each record through the handler once, however many loggers it is on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_catalog_logged", False):
+            return False
+        record._catalog_logged = True
+        return True
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A RotatingFileHandler whose files are readable by their owner only."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler printing to a stream (stderr, stdout), not a file or a buffer."""
+    return (
+        isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler)
+        and not isinstance(getattr(handler, "stream", None), io.StringIO | io.BytesIO)
+    )
+
+
+class _Pipeline:
+    """The one handler of a process, and what it replaced."""
+
+    def __init__(self, settings: Settings, first: Any) -> None:
+        self.settings = settings
+        self.servers: list[Any] = []
+        self.saved: dict[str, tuple[list[logging.Handler], int, bool]] = {}
+        self.structlog_config: dict[str, Any] | None = None
+        if settings.file:
+            role = role_of(first)
+            path = os.path.expanduser(
+                settings.file.format(
+                    role=role,
+                    pid=os.getpid(),
+                    host=safe_filename(socket.gethostname()),
+                    name=safe_filename(_name_of(first, role) or role),
+                )
+            )
+            self.path: str | None = path
+            self.handler: logging.Handler = _PrivateRotatingFileHandler(
+                path,
+                maxBytes=settings.rotate_bytes,
+                backupCount=settings.backups,
+                encoding="utf-8",
+            )
+            colors = False
+        else:
+            self.path = None
+            self.handler = logging.StreamHandler(sys.stderr)
+            isatty = getattr(sys.stderr, "isatty", None)
+            colors = bool(isatty and isatty())
+        self.handler.addFilter(_Once())
+        self.context = ServerContext(self.servers)
+        self.handler.setFormatter(formatter(settings.format, self.context, colors))
+
+    def _save(self, log: logging.Logger) -> None:
+        if log.name not in self.saved:
+            self.saved[log.name] = (list(log.handlers), log.level, log.propagate)
+
+    def install(self) -> None:
+        root = logging.getLogger()
+        loggers = [root] + [
+            log
+            for log in list(logging.Logger.manager.loggerDict.values())
+            if isinstance(log, logging.Logger)
+        ]
+        for log in loggers:
+            if any(_is_console(h) for h in log.handlers) or log is root:
+                self._save(log)
+                kept = [h for h in log.handlers if not _is_console(h)]
+                log.handlers = [*kept, self.handler]
+        level = LogLevel.number(self.settings.level)
+        for log in (root, logging.getLogger("catalog")):
+            self._save(log)
+            log.setLevel(level)
+        for assignment in self.settings.logger:
+            name, _, value = assignment.partition("=")
+            log = logging.getLogger(name)
+            self._save(log)
+            log.setLevel(LogLevel.number(value))
+        self.structlog_config = (
+            structlog.get_config() if structlog.is_configured() else None
+        )
+        structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.filter_by_level,
+                structlog.stdlib.PositionalArgumentsFormatter(),
+                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger,
+            cache_logger_on_first_use=False,
+        )
+
+    def uninstall(self) -> None:
+        for name, (handlers, level, propagate) in self.saved.items():
+            log = logging.getLogger(name or None)
+            log.handlers = handlers
+            log.setLevel(level)
+            log.propagate = propagate
+        self.saved.clear()
+        if self.structlog_config is None:
+            structlog.reset_defaults()
+        else:
+            structlog.configure(**self.structlog_config)
+        self.handler.close()
+
+
+#: The process's pipeline, shared by every server of the process that installs
+#: the entry (several in a LocalCluster with processes=False).
+_PIPELINE: _Pipeline | None = None
+_LOCK = threading.RLock()
+
+
+class _Logging:
+    """The implementation shared by the worker, scheduler and nanny plugins."""
+
+    settings: Settings
+    #: Set up inside ``dask_setup`` rather than with the worker's queued
+    #: plugins, so the worker's startup lines are structured too (needs the
+    #: ``install`` change described in the logging entry's report).
+    setup_in_preload = True
+
+    def on_setup(self, server: Any) -> None:
+        global _PIPELINE
+        with _LOCK:
+            pipeline = _PIPELINE
+            if pipeline is None:
+                pipeline = _Pipeline(self.settings, server)
+                pipeline.install()
+                _PIPELINE = pipeline
+            elif vars(pipeline.settings) != vars(self.settings):
+                logger.warning(
+                    "structured logging is already set up in this process with %s; "
+                    "keeping it (one pipeline per process)",
+                    vars(pipeline.settings),
+                )
+            pipeline.servers.append(server)
+            self._pipeline = pipeline
+
+    def on_teardown(self, server: Any) -> None:
+        global _PIPELINE
+        with _LOCK:
+            pipeline = getattr(self, "_pipeline", None)
+            if pipeline is None:
+                return
+            self._pipeline = None
+            if server in pipeline.servers:
+                pipeline.servers.remove(server)
+            if not pipeline.servers:
+                pipeline.uninstall()
+                if _PIPELINE is pipeline:
+                    _PIPELINE = None
+
+
+class StructuredLogging(_Logging, WorkerEntryPlugin):
+    """Structured logs on a worker process, with each task's ``key`` and ``prefix``.
+
+    The process's records (``distributed.*``, ``catalog.*``, user libraries,
+    structlog loggers) go through one handler whose structlog
+    ``ProcessorFormatter`` renders one JSON (or logfmt) line per record.
+    Teardown puts back the handlers, levels and ``propagate`` of every logger
+    it changed. The same logic runs on the scheduler
+    (:class:`SchedulerStructuredLogging`) and on nannies
+    (:class:`NannyStructuredLogging`); it also works in a client process with
+    ``StructuredLogging().setup(client)``.
+
+    Args:
+        format: ``"json"`` (default), ``"logfmt"`` or ``"console"``.
+        level: level of the root and ``catalog`` loggers (default ``"INFO"``).
+        logger: ``["NAME=LEVEL", ...]`` levels of single loggers.
+        file: write here instead of stderr.
+        rotate_bytes: rotate the file at this size (0: never).
+        backups: rotated files to keep.
+
+    Example:
+        >>> import catalog
+        >>> plugin = catalog.StructuredLogging(logger=["distributed.worker=debug"])
+        >>> plugin.settings.logger
+        ('distributed.worker=DEBUG',)
+    """
+
+    entry = ENTRY
+
+
+class SchedulerStructuredLogging(_Logging, SchedulerEntryPlugin):
+    """Structured logs on the scheduler process (see :class:`StructuredLogging`)."""
+
+    entry = ENTRY
+
+
+class NannyStructuredLogging(_Logging, NannyEntryPlugin):
+    """Structured logs on a nanny process (see :class:`StructuredLogging`)."""
+
+    entry = ENTRY
+
+
+dask_setup, dask_teardown = entry_preload(
+    ENTRY,
+    worker=StructuredLogging,
+    scheduler=SchedulerStructuredLogging,
+    nanny=NannyStructuredLogging,
+    client=StructuredLogging,
+)
