@@ -24,12 +24,14 @@ __all__ = [
     "MemoryGuard",
     "Metrics",
     "NannyStructuredLogging",
+    "SchedulerEnvironment",
     "SchedulerMetrics",
     "SchedulerStructuredLogging",
     "SchedulerTracer",
     "StructuredLogging",
     "Tracer",
     "Watchdog",
+    "WorkerEnvironment",
     "__version__",
     "dask_setup",
     "dask_teardown",
@@ -45,6 +47,8 @@ ENTRY_MODULES = ("env", "logging", "metrics", "tracer", "memory", "watchdog", "e
 #: The public classes, and the entry module each lives in.
 _FACADE = {
     "Environment": "env",
+    "WorkerEnvironment": "env",
+    "SchedulerEnvironment": "env",
     "StructuredLogging": "logging",
     "SchedulerStructuredLogging": "logging",
     "NannyStructuredLogging": "logging",

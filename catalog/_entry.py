@@ -112,6 +112,10 @@ class Entry:
     runs_on: Mapping[str, str]
     options: Sequence[Option]
     examples: Sequence[str] = ()
+    #: Whether the entry's preload on a client registers it on the whole cluster
+    #: (as DESIGN.md asks) besides any client half; env acts on the client alone,
+    #: since a cluster-wide registration would restart every worker.
+    client_registers_cluster: bool = True
     _by_keyword: dict[str, Option] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -545,7 +549,12 @@ async def install(
     role = role_of(server)
     # On a client the entry goes to the whole cluster (its scheduler, worker and
     # nanny halves) and, where it has one, a client half acts in this process.
-    roles = ("scheduler", "worker", "nanny", "client") if role == "client" else (role,)
+    if role != "client":
+        roles: tuple[str, ...] = (role,)
+    elif entry.client_registers_cluster:
+        roles = ("scheduler", "worker", "nanny", "client")
+    else:
+        roles = ("client",)
     try:
         built = [(r, plugins[r](**given)) for r in roles if r in plugins]
     except (OptionError, TypeError) as exc:

@@ -21,6 +21,7 @@ __all__ = [
     "LogLevel",
     "NameValue",
     "OptionType",
+    "RotateSize",
     "Size",
     "SizeOrFraction",
     "Text",
@@ -81,6 +82,19 @@ class Size(OptionType):
         if nbytes <= 0:
             raise ValueError("must be more than 0 bytes")
         return int(nbytes)
+
+
+class RotateSize(Size):
+    """A size with a unit at which a file rotates, or 0 for never."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = 'a size such as "100MiB", or 0 for never'
+
+    def parse(self, value: Any) -> int:
+        if not isinstance(value, bool) and str(value).strip() in ("0", "0.0"):
+            return 0
+        return super().parse(value)
 
 
 class SizeOrFraction(OptionType):

@@ -148,7 +148,8 @@ def run_demo(
         "metrics": os.path.join(output, "metrics.txt"),
     }
     echo(
-        f"Starting a local cluster of {workers} worker processes with: {', '.join(enable)}"
+        f"Starting a local cluster of {workers} worker processes "
+        f"with: {', '.join(enable)}"
     )
     with dask.config.set(demo_config(output, enable)):
         cluster = LocalCluster(

@@ -27,7 +27,7 @@ from catalog._entry import (
     entry_preload,
     role_of,
 )
-from catalog._options import Choice, Integer, LogLevel, NameValue, Size, Text
+from catalog._options import Choice, Integer, LogLevel, NameValue, RotateSize, Text
 from catalog._runtime import safe_filename
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "LogPath",
     "LoggerLevel",
     "NannyStructuredLogging",
-    "RotateSize",
     "SchedulerStructuredLogging",
     "ServerContext",
     "StructuredLogging",
@@ -85,19 +84,6 @@ class LoggerLevel(NameValue):
         if not name or any(c.isspace() for c in name):
             raise ValueError(f"{name!r} is not a logger name")
         LogLevel().parse(value)
-
-
-class RotateSize(Size):
-    """A size with a unit at which the log file rotates, or 0 for never."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.accepted = 'a size such as "100MiB", or 0 for never'
-
-    def parse(self, value: Any) -> int:
-        if not isinstance(value, bool) and str(value).strip() in ("0", "0.0"):
-            return 0
-        return super().parse(value)
 
 
 class LogPath(Text):

@@ -1,0 +1,377 @@
+"""An audit log of the cluster: workers, clients, graphs, failures, restarts."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from dask.utils import key_split
+
+from catalog._entry import Entry, Option, SchedulerEntryPlugin, entry_preload
+from catalog._options import Integer, RotateSize, Text
+from catalog._prom import families_for
+from catalog._runtime import JsonLinesFile
+
+__all__ = ["ENTRY", "EVENTS", "EventLog", "dask_setup", "dask_teardown"]
+
+#: The logger the events go to when no ``file`` is given.
+LOGGER_NAME = "catalog.events"
+
+#: The events this entry names itself. Any other scheduler event is recorded
+#: under its topic (``"all"``, ``"scheduler"``, a topic of your own), or as
+#: ``worker-event`` / ``client-event`` when its topic is one worker or client.
+EVENTS = (
+    "worker-added",
+    "worker-removed",
+    "client-added",
+    "client-removed",
+    "graph-submitted",
+    "task-erred",
+    "task-retried",
+    "worker-restart-memory",
+    "restart",
+    "scheduler-closing",
+    "worker-event",
+    "client-event",
+)
+
+#: Scheduler events that the named events above already record.
+_COVERED_ACTIONS = frozenset(
+    {"add-worker", "remove-worker", "add-client", "remove-client"}
+)
+
+#: Attributes of a LogRecord that ``extra`` must not overwrite.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+}
+
+#: Distinct ``event`` label values on the metric before ``"other"``.
+MAX_EVENT_LABELS = 100
+
+_STIMULUS_TIME = re.compile(r"-\d+(\.\d+)?$")
+
+ENTRY = Entry(
+    name="events",
+    summary="an audit log of the cluster: workers, clients, graphs, failures",
+    runs_on={
+        "scheduler": "records the cluster's events to a JSON-lines file or a logger",
+        "worker": "nothing (the events are the scheduler's)",
+        "nanny": "nothing (the nanny's events reach the scheduler)",
+        "client": "registers the event log on the scheduler",
+    },
+    options=[
+        Option(
+            "file",
+            Text("a file path", nullable=True),
+            None,
+            "Append one JSON object per event to this file "
+            "(none: log each event through the catalog.events logger).",
+        ),
+        Option(
+            "rotate-bytes",
+            RotateSize(),
+            0,
+            "Rotate the file when it would grow past this size (0: never).",
+        ),
+        Option(
+            "backups",
+            Integer(0),
+            5,
+            "How many rotated files to keep, as FILE.1 ... FILE.N.",
+        ),
+        Option(
+            "include",
+            Text("an event name such as worker-added", nullable=False),
+            [],
+            "Record only these events (repeatable, comma lists allowed; empty: all).",
+            multiple=True,
+        ),
+        Option(
+            "exclude",
+            Text("an event name such as worker-added", nullable=False),
+            [],
+            "Never record these events (repeatable, comma lists allowed).",
+            multiple=True,
+        ),
+    ],
+    examples=(
+        "dask scheduler --preload catalog.events --events-file events.jsonl",
+        "dask scheduler --preload catalog.events --events-exclude worker-event",
+    ),
+)
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC with milliseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def names(values: Iterable[str]) -> frozenset[str]:
+    """Event names from repeatable, comma-separated option values."""
+    return frozenset(
+        name.strip() for value in values for name in value.split(",") if name.strip()
+    )
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` made of JSON types: sets sorted into lists, other objects as text."""
+    if obj is None or isinstance(obj, str | bool | int | float):
+        return obj
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if isinstance(obj, set | frozenset):
+        return sorted((plain(v) for v in obj), key=str)
+    if isinstance(obj, bytes):
+        return f"<{len(obj)} bytes>"
+    return str(obj)
+
+
+def reason_of(stimulus_id: str) -> str:
+    """A stimulus id or a worker's close reason without its trailing timestamp."""
+    return _STIMULUS_TIME.sub("", stimulus_id or "") or "unknown"
+
+
+def exception_of(kwargs: dict[str, Any]) -> str | None:
+    """The text of the exception a scheduler transition carries."""
+    text = kwargs.get("exception_text")
+    if text:
+        return str(text)
+    exc = kwargs.get("exception")
+    if isinstance(exc, bytes):
+        # Made by the scheduler itself (KilledWorker), not by user code.
+        try:
+            obj = pickle.loads(exc)
+        except Exception:
+            return None
+        return f"{type(obj).__name__}: {obj}"
+    return None
+
+
+class EventLog(SchedulerEntryPlugin):
+    """Record what happens to the cluster, one JSON object per event.
+
+    On the scheduler it records workers joining and leaving (and why), clients
+    connecting, graphs submitted, tasks that fail or are retried, workers the
+    nanny restarts for memory, every other scheduler event, restarts and the
+    scheduler closing. Each event goes to ``file`` as one JSON line, or, without
+    a file, to the ``catalog.events`` logger (message: the event name; fields:
+    the record's ``extra``). With the metrics entry active on the scheduler, it
+    counts them in ``dask_catalog_scheduler_events_total{event}``.
+
+    Args:
+        file: the JSON-lines file to append to, or None for the logger.
+        rotate_bytes: rotate the file past this size (``"100MiB"``), or 0 for never.
+        backups: rotated files to keep.
+        include: event names to record (empty: all).
+        exclude: event names never to record.
+
+    Example:
+        >>> import catalog
+        >>> log = catalog.EventLog(file="events.jsonl", exclude=["worker-event"])
+        >>> log.name
+        'catalog.events'
+        >>> # client.register_plugin(log) starts it on the scheduler
+    """
+
+    entry = ENTRY
+
+    # -- set up / tear down --------------------------------------------------
+    def on_setup(self, scheduler: Any) -> None:
+        settings = self.settings
+        include, exclude = names(settings.include), names(settings.exclude)
+        self._wanted: Callable[[str], bool] = (
+            (lambda name: name in include and name not in exclude)
+            if include
+            else (lambda name: name not in exclude)
+        )
+        self._names: dict[str, Any] = {
+            addr: ws.name for addr, ws in scheduler.workers.items()
+        }
+        self._closing_reasons: dict[str, str] = {}
+        self._removals: dict[str, dict[str, Any]] = {}
+        self._labels: set[str] = set()
+        self._logger = logging.getLogger(LOGGER_NAME)
+        self._file: JsonLinesFile | None = None
+        if settings.file is not None:
+            self._file = JsonLinesFile(
+                settings.file,
+                rotate_bytes=settings.rotate_bytes,
+                backups=settings.backups,
+                flush_interval=None,
+                on_error=self.report_error,
+            ).open()
+
+    def on_teardown(self, scheduler: Any) -> None:
+        file, self._file = getattr(self, "_file", None), None
+        if file is not None:
+            file.close()
+
+    # -- recording -----------------------------------------------------------
+    def record(self, event: str, **fields: Any) -> None:
+        """Record one event (when the filters keep it) and count it."""
+        if not self.active or not self._wanted(event):
+            return
+        if self._file is not None:
+            self._file.write({"ts": utc_now(), "event": event, **fields})
+        else:
+            extra = {
+                (f"event_{k}" if k in _RECORD_ATTRS else k): v
+                for k, v in fields.items()
+            }
+            extra["event"] = event
+            self._logger.info(event, extra=extra)
+        fam = families_for(self.server)
+        if fam is not None:
+            fam.counter(
+                "scheduler_events", "Events recorded by the events entry.", ["event"]
+            ).labels(self._label(event)).inc()
+
+    def _label(self, event: str) -> str:
+        if event in self._labels or event in EVENTS:
+            return event
+        if len(self._labels) >= MAX_EVENT_LABELS:
+            return "other"
+        self._labels.add(event)
+        return event
+
+    # -- scheduler hooks -----------------------------------------------------
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        name = ws.name if ws is not None else None
+        self._names[worker] = name
+        self._closing_reasons.pop(worker, None)
+        self.record(
+            "worker-added",
+            worker=worker,
+            name=plain(name),
+            nthreads=ws.nthreads if ws is not None else None,
+            memory_limit=ws.memory_limit if ws is not None else None,
+        )
+
+    def remove_worker(
+        self, scheduler: Any, worker: str, *, stimulus_id: str = "", **kwargs: Any
+    ) -> None:
+        removal = self._removals.pop(worker, {})
+        said = self._closing_reasons.pop(worker, None)
+        self.record(
+            "worker-removed",
+            worker=worker,
+            name=plain(self._names.pop(worker, None)),
+            reason=reason_of(said or stimulus_id),
+            stimulus_id=stimulus_id,
+            expected=removal.get("expected"),
+            processing_tasks=len(removal.get("processing-tasks") or ()),
+            lost_computed_tasks=len(removal.get("lost-computed-tasks") or ()),
+        )
+
+    def add_client(self, scheduler: Any, client: str) -> None:
+        self.record("client-added", client=client)
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        self.record("client-removed", client=client)
+
+    def update_graph(
+        self, scheduler: Any, *, client: str = "", tasks: Any = (), **kwargs: Any
+    ) -> None:
+        if not self.active or not self._wanted("graph-submitted"):
+            return
+        known = scheduler.tasks
+        prefixes = {known[k].prefix.name if k in known else key_split(k) for k in tasks}
+        self.record(
+            "graph-submitted",
+            client=client,
+            tasks=len(tasks),
+            keys=len(kwargs.get("keys") or ()),
+            prefixes=sorted(prefixes),
+        )
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if finish == "erred":
+            # Dependents erred by blame carry no cause of their own: not listed.
+            if kwargs.get("cause") == key or "exception_text" in kwargs:
+                self.record(
+                    "task-erred",
+                    key=plain(key),
+                    prefix=key_split(key),
+                    exception=exception_of(kwargs),
+                    worker=kwargs.get("worker"),
+                )
+        elif (
+            start == "processing"
+            and finish == "released"
+            and str(kwargs.get("stimulus_id", "")).startswith("task-erred")
+            and self.active
+        ):
+            # The scheduler retries a failed task by releasing it (then waiting).
+            # A stale run's error (a task re-run elsewhere) is released the same
+            # way; distributed gives a plugin no way to tell the two apart.
+            ts = self.server.tasks.get(key)
+            self.record(
+                "task-retried",
+                key=plain(key),
+                prefix=key_split(key),
+                retries_left=ts.retries if ts is not None else None,
+            )
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if not self.active:
+            return
+        topic = str(topic)
+        action = msg.get("action") if isinstance(msg, dict) else None
+        if topic == "worker-restart-memory" and isinstance(msg, dict):
+            self._closing_reasons.setdefault(str(msg.get("worker")), topic)
+            self.record(
+                "worker-restart-memory",
+                worker=msg.get("worker"),
+                pid=msg.get("pid"),
+                rss=msg.get("rss"),
+            )
+            return
+        if "://" in topic:
+            if action == "closing-worker":
+                self._closing_reasons[topic] = str(msg.get("reason") or "")
+            elif action == "remove-worker":
+                self._removals[topic] = msg
+            if action in _COVERED_ACTIONS:
+                return
+            self.record("worker-event", worker=topic, topic=topic, msg=plain(msg))
+            return
+        if action in _COVERED_ACTIONS:
+            return
+        if action == "update-graph" and msg.get("status") == "OK":
+            return  # graph-submitted has it
+        if topic in self.server.clients or topic.startswith("Client-"):
+            if action == "update-graph":
+                return  # the same message also goes to the "scheduler" topic
+            self.record("client-event", client=topic, topic=topic, msg=plain(msg))
+            return
+        self.record(topic, topic=topic, msg=plain(msg))
+
+    def restart(self, scheduler: Any) -> None:
+        self.record("restart", workers=len(scheduler.workers))
+
+    async def before_close(self) -> None:
+        self.record(
+            "scheduler-closing",
+            scheduler=self.server.address,
+            workers=len(self.server.workers),
+        )
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        file = getattr(self, "_file", None)
+        if file is not None:
+            out.update(file=file.path, written=file.written, dropped=file.dropped)
+        return out
+
+
+dask_setup, dask_teardown = entry_preload(ENTRY, scheduler=EventLog)
