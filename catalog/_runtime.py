@@ -217,6 +217,11 @@ class JsonLinesFile:
         if self._thread is None:
             self.flush()
 
+    def extend(self, lines: list[str]) -> None:
+        """Queue lines already encoded with :func:`json_line`, without flushing."""
+        with self._lock:
+            self._buffer.extend(lines)
+
     def flush(self) -> None:
         """Write every queued line; a failure is reported and those lines dropped."""
         with self._lock:

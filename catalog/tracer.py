@@ -1,0 +1,819 @@
+"""Every task transition recorded cheaply, exported as a Perfetto / Chrome trace."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, get_args
+
+import click
+from dask.utils import key_split
+from distributed.scheduler import TaskStateState as _SchedulerState
+from distributed.worker_state_machine import TaskStateState as _WorkerState
+
+from catalog._entry import (
+    Entry,
+    Option,
+    SchedulerEntryPlugin,
+    WorkerEntryPlugin,
+    entry_preload,
+)
+from catalog._options import Choice, Duration, Integer, Text
+from catalog._prom import families_for
+from catalog._runtime import JsonLinesFile, json_line, safe_filename
+
+__all__ = [
+    "ENTRY",
+    "SchedulerTracer",
+    "Tracer",
+    "chrome_trace",
+    "dask_setup",
+    "dask_teardown",
+    "fetch",
+    "read_dir",
+    "save",
+    "summarize",
+    "trace_cli",
+]
+
+logger = logging.getLogger("catalog.tracer")
+
+#: Every task state of workers and of the scheduler, for the ``states`` filter.
+STATES = tuple(sorted(set(get_args(_WorkerState)) | set(get_args(_SchedulerState))))
+
+ENTRY = Entry(
+    name="tracer",
+    summary="record every task transition and span; export a Perfetto / Chrome trace",
+    runs_on={
+        "worker": "records the worker's transitions and finished tasks' spans",
+        "scheduler": "records the scheduler's transitions (waiting, queued, ...)",
+        "nanny": "nothing (one INFO line)",
+        "client": "registers Tracer on the workers and SchedulerTracer",
+    },
+    options=[
+        Option(
+            "capacity",
+            Integer(1),
+            1_000_000,
+            "Events kept per server in a ring buffer; older ones are dropped "
+            "and counted.",
+        ),
+        Option(
+            "dir",
+            Text("a directory path"),
+            None,
+            "Directory where each server appends its events as JSON lines to "
+            "<server-id>.jsonl (created 0o600).",
+        ),
+        Option(
+            "flush-interval",
+            Duration(),
+            "1s",
+            "How often the JSON-lines file of the dir form is written.",
+        ),
+        Option(
+            "states",
+            Choice(*STATES),
+            [],
+            "Finish states whose transitions are recorded (repeatable; "
+            "default: all). Spans are always recorded.",
+            multiple=True,
+        ),
+    ],
+    examples=[
+        "dask worker tcp://127.0.0.1:8786 --preload catalog.tracer "
+        "--tracer-dir /tmp/trace",
+    ],
+)
+
+#: Marks a span record in the ring (in place of the start state).
+SPAN = "<span>"
+#: Slots per record in the flat ring: (time, key, start, finish).
+WIDTH = 4
+#: Worker states a task computes in, and the states a computed task ends in.
+RUNNING = frozenset({"executing", "long-running", "resumed"})
+FINISHED = frozenset({"memory", "error"})
+#: Scheduler states shown as stints on the scheduler's tracks.
+SCHEDULER_STINTS = ("waiting", "queued", "no-worker", "processing")
+
+
+@functools.lru_cache(maxsize=65536)
+def _prefix(key: Any) -> str:
+    return key_split(key)
+
+
+def _key_text(key: Any) -> str:
+    return key if isinstance(key, str) else str(key)
+
+
+class _Recorder:
+    """What the worker and scheduler halves share: the ring, the file, status.
+
+    The ring is one ``deque`` of flat slots, ``WIDTH`` per record: ``extend``
+    with a 4-tuple is one C call, and a buffered record costs four pointers and
+    one float (about 56 bytes) instead of a tuple object.
+    """
+
+    settings: Any
+    server: Any
+    role: str
+
+    def _start_recording(self, server: Any) -> None:
+        s = self.settings
+        self._ring: deque[Any] = deque(maxlen=WIDTH * s.capacity)
+        self._extend = self._ring.extend
+        self._appended = 0
+        self._clock = time.time
+        self._states = frozenset(s.states) if s.states else None
+        self._pending: deque[tuple[Any, ...]] | None = None
+        self._file: _TraceFile | None = None
+        self._collector: _Collector | None = None
+        self.address = str(getattr(server, "address", "") or "")
+        self.pid = os.getpid()
+        if s.dir:
+            os.makedirs(s.dir, exist_ok=True)
+            path = os.path.join(s.dir, self.file_name())
+            self._pending = deque()
+            self._file = _TraceFile(
+                path,
+                self._drain,
+                flush_interval=s.flush_interval,
+                on_error=self.report_error,  # type: ignore[attr-defined]
+            )
+            self._file.write(self._header())
+            self._file.open()
+            self._file.flush()  # the header line: the file names its server at once
+        fam = families_for(server)
+        if fam is not None:
+            self._collector = _Collector(self, fam)
+            fam.extra_collectors.append(self._collector)
+
+    def _stop_recording(self, server: Any) -> None:
+        collector = getattr(self, "_collector", None)
+        if collector is not None:
+            fam = collector.families
+            with contextlib.suppress(ValueError):
+                fam.extra_collectors.remove(collector)
+            self._collector = None
+        file = getattr(self, "_file", None)
+        if file is not None:
+            self._file = None
+            file.close()
+            logger.info("catalog.tracer wrote %d events to %s", file.written, file.path)
+        dropped = self.dropped
+        if dropped:
+            logger.warning(
+                "catalog.tracer on %s %s dropped %d of %d events (capacity %d)",
+                self.role,
+                self.address,
+                dropped,
+                self._appended,
+                self.settings.capacity,
+            )
+
+    def file_name(self) -> str:
+        """``<role>-<host>_<port>-<pid>.jsonl``: unique per server process."""
+        where = self.address.rpartition("://")[2]
+        name = safe_filename(f"{self.role}-{where}-{self.pid}")
+        return f"{name}.jsonl"
+
+    # -- counts -----------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        ring = getattr(self, "_ring", None)
+        return len(ring) // WIDTH if ring is not None else 0
+
+    @property
+    def dropped(self) -> int:
+        return getattr(self, "_appended", 0) - self.buffered
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()  # type: ignore[misc]
+        file = getattr(self, "_file", None)
+        out.update(
+            recorded=getattr(self, "_appended", 0),
+            buffered=self.buffered,
+            dropped=self.dropped,
+            file=file.path if file is not None else None,
+            written=file.written if file is not None else 0,
+        )
+        return out
+
+    # -- reading ------------------------------------------------------------
+    def _header(self) -> dict[str, Any]:
+        return {
+            "type": "process",
+            "role": self.role,
+            "address": self.address,
+            "name": str(getattr(self.server, "name", "") or ""),
+            "pid": self.pid,
+        }
+
+    def _records(self) -> Iterator[tuple[Any, ...]]:
+        it = iter(list(self._ring))
+        return zip(it, it, it, it, strict=False)
+
+    def _drain(self) -> list[tuple[Any, ...]]:
+        # Runs in the file's flush thread while the event loop appends: popleft
+        # and append on a deque are atomic, so no record is ever lost between.
+        pending = self._pending
+        if not pending:
+            return []
+        take = pending.popleft
+        return [take() for _ in range(len(pending))]
+
+    def _as_dicts(self, records: Iterable[tuple[Any, ...]]) -> Iterator[dict]:
+        prefix = _prefix
+        for t, key, start, finish in records:
+            if start is SPAN:
+                yield from self._span_dicts(t, key, finish)
+            else:
+                event = {
+                    "type": "transition",
+                    "time": t,
+                    "key": _key_text(key),
+                    "prefix": prefix(key),
+                    "start": start,
+                    "finish": finish,
+                }
+                if isinstance(finish, tuple):  # scheduler: (state, worker)
+                    event["finish"], worker = finish
+                    if worker:
+                        event["worker"] = worker
+                yield event
+
+    def _span_dicts(self, thread: Any, key: Any, payload: Any) -> Iterator[dict]:
+        return iter(())
+
+    def snapshot(self, clear: bool = False) -> dict[str, Any]:
+        """This server's buffered events as plain JSON-serialisable data."""
+        events = list(self._as_dicts(self._records()))
+        out = {
+            **self._header(),
+            "capacity": self.settings.capacity,
+            "recorded": self._appended,
+            "dropped": self.dropped,
+            "events": events,
+        }
+        if clear:
+            self._ring.clear()
+            self._appended = 0
+        return out
+
+
+class _TraceFile(JsonLinesFile):
+    """The dir form's file: each flush first turns the pending records into lines."""
+
+    def __init__(self, path: str, drain: Any, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._drain_records = drain
+        self.recorder: Any = getattr(drain, "__self__", None)
+
+    def flush(self) -> None:
+        records = self._drain_records()
+        if records:
+            self.extend([json_line(e) for e in self.recorder._as_dicts(records)])
+        super().flush()
+
+
+class _Collector:
+    """Scrape-time gauges of one tracer, served through the metrics entry."""
+
+    def __init__(self, recorder: _Recorder, families: Any) -> None:
+        self.recorder = recorder
+        self.families = families
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        fam = self.families
+        names, values = list(fam.labels), list(fam.labels.values())
+        ns = fam.namespace
+        rec = self.recorder
+        recorded = CounterMetricFamily(
+            f"{ns}_tracer_events", "Events the tracer recorded.", labels=names
+        )
+        recorded.add_metric(values, rec._appended)
+        yield recorded
+        dropped = CounterMetricFamily(
+            f"{ns}_tracer_dropped_events",
+            "Events the tracer dropped from its full ring buffer.",
+            labels=names,
+        )
+        dropped.add_metric(values, rec.dropped)
+        yield dropped
+        buffered = GaugeMetricFamily(
+            f"{ns}_tracer_buffered_events",
+            "Events in the tracer's ring buffer.",
+            labels=names,
+        )
+        buffered.add_metric(values, rec.buffered)
+        yield buffered
+
+
+class Tracer(_Recorder, WorkerEntryPlugin):
+    """Record every transition of a worker, and the spans of every finished task.
+
+    Each transition is kept as ``(time, key, start, finish)`` in a ring buffer of
+    ``capacity`` events; when a task finishes (``executing -> memory/error``) its
+    ``startstops`` (compute, transfer, disk-read, disk-write) are kept too, with
+    the thread that ran it and, when the memory entry is active, its peak memory.
+    Read them with :func:`fetch` / :func:`save`, or set ``dir`` to stream them
+    to JSON-lines files.
+
+    Args:
+        capacity: events kept in the ring buffer; older ones are dropped, counted.
+        dir: directory for ``<server-id>.jsonl`` files, or None.
+        flush_interval: seconds between writes of the file (``"1s"``).
+        states: finish states to record (default: all).
+
+    Example:
+        >>> import catalog
+        >>> from distributed import Client, LocalCluster
+        >>> cluster = LocalCluster(n_workers=1, processes=False, host="127.0.0.1",
+        ...                        protocol="tcp", dashboard_address="127.0.0.1:0")
+        >>> client = Client(cluster)
+        >>> _ = client.register_plugin(catalog.Tracer(capacity=10_000))
+        >>> client.submit(sum, [1, 2]).result()
+        3
+        >>> catalog.tracer.save(client, "trace.json")["spans"]
+        1
+        >>> client.close(); cluster.close()
+    """
+
+    entry = ENTRY
+
+    def on_setup(self, worker: Any) -> None:
+        self.worker = worker
+        self._tasks = worker.state.tasks
+        self._threads = worker.state.threads
+        self._plugins = worker.plugins
+        self._start_recording(worker)
+
+    def on_teardown(self, worker: Any) -> None:
+        self._stop_recording(worker)
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        states = self._states
+        if states is None or finish in states:
+            record = (self._clock(), key, start, finish)
+            self._extend(record)
+            self._appended += 1
+            if self._pending is not None:
+                self._pending.append(record)
+        if finish in FINISHED and start in RUNNING:
+            self._finished(key)
+
+    def _finished(self, key: Any) -> None:
+        ts = self._tasks.get(key)
+        if ts is None or not ts.startstops:
+            return
+        # Flat (action, start, stop, source) quadruples: the floats are shared
+        # with distributed's dicts, which are then free to go.
+        spans: tuple[Any, ...] = ()
+        for ss in ts.startstops:
+            spans += (
+                ss.get("action"),
+                ss.get("start"),
+                ss.get("stop"),
+                ss.get("source"),
+            )
+        memory = self._plugins.get("catalog.memory")
+        if memory is not None:
+            spans = (self._peak(memory, key), *spans)
+        else:
+            spans = (None, *spans)
+        record = (self._threads.get(key), key, SPAN, spans)
+        self._extend(record)
+        self._appended += 1
+        if self._pending is not None:
+            self._pending.append(record)
+
+    def _peak(self, memory: Any, key: Any) -> int | None:
+        peak_of = getattr(memory, "peak_of", None)
+        if peak_of is None:
+            return None
+        try:
+            peak = peak_of(key)
+        except Exception as exc:  # the memory entry's failure is not the task's
+            self.report_error("catalog.memory peak_of", exc)
+            return None
+        return peak if isinstance(peak, int) else None
+
+    def _span_dicts(self, thread: Any, key: Any, payload: Any) -> Iterator[dict]:
+        peak = payload[0]
+        text, prefix = _key_text(key), _prefix(key)
+        for i in range(1, len(payload), 4):
+            kind, start, stop, source = payload[i : i + 4]
+            if start is None or stop is None:
+                continue
+            span = {
+                "type": "span",
+                "kind": kind or "unknown",
+                "start": start,
+                "stop": stop,
+                "key": text,
+                "prefix": prefix,
+                "thread": thread if kind == "compute" else None,
+            }
+            if source is not None:
+                span["source"] = source
+            if peak is not None:
+                span["peak_memory"] = peak
+            yield span
+
+
+class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
+    """Record every transition of the scheduler (waiting, queued, processing, ...).
+
+    In the trace the time each task spent in ``waiting``, ``queued``,
+    ``no-worker`` and ``processing`` shows on the scheduler's own tracks.
+
+    Args:
+        capacity: events kept in the ring buffer; older ones are dropped, counted.
+        dir: directory for ``<server-id>.jsonl`` files, or None.
+        flush_interval: seconds between writes of the file (``"1s"``).
+        states: finish states to record (default: all).
+
+    Example:
+        >>> import catalog
+        >>> from distributed import Client, LocalCluster
+        >>> cluster = LocalCluster(n_workers=1, processes=False, host="127.0.0.1",
+        ...                        protocol="tcp", dashboard_address="127.0.0.1:0")
+        >>> client = Client(cluster)
+        >>> _ = client.register_plugin(catalog.SchedulerTracer())
+        >>> client.submit(sum, [1, 2]).result()
+        3
+        >>> len(catalog.tracer.fetch(client)["scheduler"]["events"]) > 0
+        True
+        >>> client.close(); cluster.close()
+    """
+
+    entry = ENTRY
+
+    def on_setup(self, scheduler: Any) -> None:
+        self._start_recording(scheduler)
+
+    def on_teardown(self, scheduler: Any) -> None:
+        self._stop_recording(scheduler)
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        states = self._states
+        if states is None or finish in states:
+            record = (self._clock(), key, start, (finish, kwargs.get("worker")))
+            self._extend(record)
+            self._appended += 1
+            if self._pending is not None:
+                self._pending.append(record)
+
+
+dask_setup, dask_teardown = entry_preload(
+    ENTRY, worker=Tracer, scheduler=SchedulerTracer
+)
+
+
+# ---------------------------------------------------------------------------
+# Gathering
+# ---------------------------------------------------------------------------
+
+
+def _snapshot_worker(dask_worker: Any, clear: bool = False) -> dict | None:
+    plugin = dask_worker.plugins.get(ENTRY.plugin_name)
+    if not isinstance(plugin, Tracer) or not plugin.active:
+        return None
+    return plugin.snapshot(clear=clear)
+
+
+def _snapshot_scheduler(dask_scheduler: Any, clear: bool = False) -> dict | None:
+    plugin = dask_scheduler.plugins.get(ENTRY.plugin_name)
+    if not isinstance(plugin, SchedulerTracer) or not plugin.active:
+        return None
+    return plugin.snapshot(clear=clear)
+
+
+def fetch(client: Any, clear: bool = False) -> dict[str, Any]:
+    """Gather the raw events of every traced worker and of the scheduler.
+
+    Args:
+        client: a (synchronous) ``distributed.Client``.
+        clear: empty the buffers after reading them.
+
+    Returns:
+        ``{"workers": {address: source}, "scheduler": source or None}``, where a
+        source is ``{"role", "address", "name", "pid", "capacity", "recorded",
+        "dropped", "events": [...]}`` and every event is a plain dict
+        (``type`` ``"transition"`` or ``"span"``).
+    """
+    workers = client.run(_snapshot_worker, clear=clear)
+    scheduler = client.run_on_scheduler(_snapshot_scheduler, clear=clear)
+    return {
+        "workers": {a: s for a, s in sorted(workers.items()) if s is not None},
+        "scheduler": scheduler,
+    }
+
+
+def save(client: Any, path: str | os.PathLike[str], clear: bool = False) -> dict:
+    """Gather every buffer and write one Chrome Trace Event file at ``path``.
+
+    Returns:
+        A small summary: ``{"path", "events", "spans", "workers", "scheduler",
+        "recorded", "dropped", "prefixes": {prefix: {count, total, mean, p50,
+        p95, max}}}`` (seconds, compute spans).
+    """
+    raw = fetch(client, clear=clear)
+    sources = list(raw["workers"].values())
+    if raw["scheduler"] is not None:
+        sources.append(raw["scheduler"])
+    trace = chrome_trace(sources)
+    _write_json(path, trace)
+    return _save_summary(os.fspath(path), sources, trace)
+
+
+def _save_summary(path: str, sources: list[dict], trace: dict) -> dict[str, Any]:
+    events = trace["traceEvents"]
+    dropped = sum(s.get("dropped", 0) for s in sources)
+    if dropped:
+        logger.warning(
+            "catalog.tracer: %d events were dropped (ring buffers full); "
+            "raise capacity or use dir",
+            dropped,
+        )
+    return {
+        "path": path,
+        "events": len(events),
+        "spans": sum(
+            1 for e in events if e["ph"] == "X" and e["cat"] not in SCHEDULER_STINTS
+        ),
+        "workers": sum(1 for s in sources if s.get("role") == "worker"),
+        "scheduler": any(s.get("role") == "scheduler" for s in sources),
+        "recorded": sum(s.get("recorded", 0) for s in sources),
+        "dropped": dropped,
+        "prefixes": summarize(trace),
+    }
+
+
+def _write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, separators=(",", ":"), default=str)
+
+
+def read_dir(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read the ``*.jsonl`` files of the dir form into sources, like :func:`fetch`.
+
+    A truncated last line (a server killed mid-write) is skipped.
+    """
+    sources = []
+    for path in sorted(glob.glob(os.path.join(os.fspath(directory), "*.jsonl"))):
+        source: dict[str, Any] = {"role": "worker", "address": path, "events": []}
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if event.get("type") == "process":
+                    source.update({k: v for k, v in event.items() if k != "type"})
+                else:
+                    source["events"].append(event)
+        source["recorded"] = len(source["events"])
+        sources.append(source)
+    return sources
+
+
+# ---------------------------------------------------------------------------
+# Chrome Trace Event format
+# ---------------------------------------------------------------------------
+
+
+class _Lanes:
+    """Tracks of one process: overlapping spans of a group go to separate lanes."""
+
+    def __init__(self, pid: int, meta: list[dict]) -> None:
+        self.pid = pid
+        self.meta = meta
+        self.ends: dict[str, list[float]] = {}
+        self.tids: dict[tuple[str, int], int] = {}
+
+    def tid(self, group: str, start: float, stop: float) -> int:
+        ends = self.ends.setdefault(group, [])
+        for lane, end in enumerate(ends):
+            if start >= end:
+                ends[lane] = stop
+                break
+        else:
+            lane = len(ends)
+            ends.append(stop)
+        found = self.tids.get((group, lane))
+        if found is None:
+            found = self.tids[group, lane] = len(self.tids) + 1
+            name = group if lane == 0 else f"{group} ({lane + 1})"
+            self.meta.append(_meta("thread_name", self.pid, found, name=name))
+            self.meta.append(
+                _meta("thread_sort_index", self.pid, found, sort_index=found)
+            )
+        return found
+
+
+def _meta(kind: str, pid: int, tid: int, **args: Any) -> dict[str, Any]:
+    return {"name": kind, "ph": "M", "ts": 0, "pid": pid, "tid": tid, "args": args}
+
+
+def _us(seconds: float) -> float:
+    return round(seconds * 1e6, 3)
+
+
+def chrome_trace(sources: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Build ``{"traceEvents": [...]}`` from sources (see :func:`fetch`).
+
+    Worker spans become complete events (``ph: "X"``) named by task prefix,
+    ``cat`` = span kind, on a track per thread (compute) or per kind; the
+    scheduler's stints in waiting / queued / no-worker / processing become
+    complete events on the scheduler's tracks (pid 1).
+    """
+    meta: list[dict] = []
+    spans: list[dict] = []
+    ordered = sorted(
+        sources, key=lambda s: (s.get("role") != "scheduler", str(s.get("address")))
+    )
+    pid = 1 if any(s.get("role") == "scheduler" for s in ordered) else 2
+    for source in ordered:
+        role = source.get("role", "worker")
+        label = f"{role} {source.get('address', '')}".strip()
+        if source.get("name") and source.get("name") != source.get("address"):
+            label += f" ({source['name']})"
+        meta.append(_meta("process_name", pid, 0, name=label))
+        meta.append(_meta("process_sort_index", pid, 0, sort_index=pid))
+        lanes = _Lanes(pid, meta)
+        events = source.get("events", ())
+        if role == "scheduler":
+            spans.extend(_scheduler_spans(events, pid, lanes))
+        else:
+            spans.extend(_worker_spans(events, pid, lanes, source))
+        pid += 1
+    spans.sort(key=lambda e: e["ts"])
+    return {"traceEvents": meta + spans, "displayTimeUnit": "ms"}
+
+
+def _worker_spans(
+    events: Iterable[Mapping], pid: int, lanes: _Lanes, source: Mapping
+) -> Iterator[dict]:
+    worker = source.get("address", "")
+    candidates = [e for e in events if e.get("type") == "span"]
+    candidates.sort(key=lambda e: e["start"])
+    for e in candidates:
+        kind = str(e.get("kind", "unknown"))
+        start, stop = float(e["start"]), float(e["stop"])
+        thread = e.get("thread")
+        group = f"thread {thread}" if thread is not None else kind
+        args = {"key": e.get("key"), "worker": worker}
+        for extra in ("source", "peak_memory", "thread"):
+            if e.get(extra) is not None:
+                args[extra] = e[extra]
+        yield {
+            "name": str(e.get("prefix") or key_split(e.get("key"))),
+            "cat": kind,
+            "ph": "X",
+            "ts": _us(start),
+            "dur": max(0.0, _us(stop - start)),
+            "pid": pid,
+            "tid": lanes.tid(group, start, stop),
+            "args": args,
+        }
+
+
+def _scheduler_spans(
+    events: Iterable[Mapping], pid: int, lanes: _Lanes
+) -> Iterator[dict]:
+    stints = []
+    entered: dict[str, tuple[str, float]] = {}
+    transitions = [e for e in events if e.get("type") == "transition"]
+    transitions.sort(key=lambda e: e["time"])
+    for e in transitions:
+        key = e["key"]
+        begun = entered.pop(key, None)
+        if begun is not None and begun[0] == e["start"]:
+            stints.append((begun[0], begun[1], e))
+        if e["finish"] in SCHEDULER_STINTS:
+            entered[key] = (e["finish"], e["time"])
+    stints.sort(key=lambda s: s[1])
+    for state, start, end in stints:
+        group = state
+        if state == "processing" and end.get("worker"):
+            group = f"processing on {end['worker']}"
+        args = {"key": end["key"], "next": end["finish"]}
+        if end.get("worker"):
+            args["worker"] = end["worker"]
+        yield {
+            "name": str(end.get("prefix") or key_split(end["key"])),
+            "cat": state,
+            "ph": "X",
+            "ts": _us(start),
+            "dur": max(0.0, _us(end["time"] - start)),
+            "pid": pid,
+            "tid": lanes.tid(group, start, end["time"]),
+            "args": args,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Summaries and the `dask catalog trace` commands
+# ---------------------------------------------------------------------------
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def summarize(trace: Mapping[str, Any], kind: str = "compute") -> dict[str, dict]:
+    """Per prefix: count, total, mean, p50, p95, max (seconds) of ``kind`` spans."""
+    durations: dict[str, list[float]] = {}
+    for e in trace.get("traceEvents", ()):
+        if e.get("ph") == "X" and e.get("cat") == kind:
+            durations.setdefault(e["name"], []).append(e["dur"] / 1e6)
+    out = {}
+    for prefix, values in sorted(durations.items()):
+        values.sort()
+        total = sum(values)
+        out[prefix] = {
+            "count": len(values),
+            "total": total,
+            "mean": total / len(values),
+            "p50": _percentile(values, 50),
+            "p95": _percentile(values, 95),
+            "max": values[-1],
+        }
+    return out
+
+
+trace_cli = click.Group(
+    "trace", help="Work with traces recorded by the catalog's tracer entry."
+)
+
+
+@trace_cli.command("merge")
+@click.argument(
+    "directory", type=click.Path(exists=True, file_okay=False, dir_okay=True)
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default="trace.json",
+    show_default=True,
+    help="The Chrome Trace Event file to write.",
+)
+def merge_command(directory: str, output: str) -> None:
+    """Merge the JSON-lines files of DIRECTORY into one Chrome / Perfetto trace."""
+    sources = read_dir(directory)
+    if not sources:
+        raise click.ClickException(f"no *.jsonl files in {directory}")
+    trace = chrome_trace(sources)
+    _write_json(output, trace)
+    summary = _save_summary(output, sources, trace)
+    click.echo(
+        f"wrote {summary['events']} events ({summary['spans']} spans) from "
+        f"{len(sources)} files to {output}"
+    )
+
+
+@trace_cli.command("summary")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--kind",
+    default="compute",
+    show_default=True,
+    help="Span kind: compute, transfer, disk-read, disk-write, waiting, ...",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def summary_command(file: str, kind: str, as_json: bool) -> None:
+    """Print per task prefix: count, total, mean, p50, p95, max (seconds)."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            trace = json.load(f)
+    except ValueError as exc:
+        raise click.ClickException(f"{file} is not a JSON trace: {exc}") from None
+    rows = summarize(trace, kind=kind)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max([len("prefix"), *map(len, rows)])
+    header = ("count", "total", "mean", "p50", "p95", "max")
+    click.echo(f"{'prefix':<{width}}  " + "  ".join(f"{h:>9}" for h in header))
+    for prefix, row in rows.items():
+        cells = [f"{row['count']:>9d}"]
+        cells += [f"{row[h]:>9.4f}" for h in header[1:]]
+        click.echo(f"{prefix:<{width}}  " + "  ".join(cells))
