@@ -290,6 +290,15 @@ class EntryPlugin:
         super().__init_subclass__(**kwargs)
         if "entry" in cls.__dict__:
             cls.name = cls.entry.plugin_name
+            # help() and IDEs show the declared options as keyword arguments.
+            cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+                [
+                    inspect.Parameter(
+                        opt.keyword, inspect.Parameter.KEYWORD_ONLY, default=opt.default
+                    )
+                    for opt in cls.entry.options
+                ]
+            )
         for hook in RUNTIME_HOOKS:
             method = getattr(cls, hook, None)
             # Wrap hooks written for the catalog (also in mixins), once each;

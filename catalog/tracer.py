@@ -451,7 +451,8 @@ class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
         >>> _ = client.register_plugin(catalog.SchedulerTracer())
         >>> client.submit(sum, [1, 2]).result()
         3
-        >>> len(catalog.tracer.fetch(client)["scheduler"]["events"]) > 0
+        >>> scheduler = catalog.tracer.fetch(client)["scheduler"]
+        >>> len(scheduler["events"]) > 0
         True
         >>> client.close(); cluster.close()
     """
