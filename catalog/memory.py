@@ -1,0 +1,754 @@
+"""Memory guards that fail the offending task instead of losing the worker."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+from dask.utils import format_bytes, key_split
+from distributed.core import Status
+
+from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload, run_soon
+from catalog._options import Duration, Size, SizeOrFraction
+from catalog._prom import families_for
+from catalog._runtime import (
+    TaskInterrupt,
+    cancel_undelivered,
+    interrupt_task,
+    log_worker_event,
+)
+
+__all__ = [
+    "ANNOTATION",
+    "ENTRY",
+    "MemoryGuard",
+    "TaskMemoryLimitExceeded",
+    "dask_setup",
+    "dask_teardown",
+    "host_decision",
+    "merge_reports",
+    "report",
+    "split_growth",
+]
+
+logger = logging.getLogger("catalog.memory")
+
+#: The task annotation that overrides ``task-limit`` for the annotated tasks.
+ANNOTATION = "catalog_memory_limit"
+#: Worker event topic of every action.
+TOPIC = "catalog.memory"
+#: How many finished tasks ``peak_of`` remembers.
+RECENT_TASKS = 10_000
+#: Worker task states in which a task's thread may still be running it.
+RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
+#: Samples a failed task may take to stop before the guard warns that it has not.
+STILL_RUNNING_SAMPLES = 5
+#: Available host memory must come back above this multiple of the threshold.
+RESUME_FACTOR = 1.25
+#: Bucket bounds (bytes) of ``dask_catalog_task_peak_memory_bytes``.
+PEAK_BUCKETS = tuple(float(2**20 * 4**i) for i in range(9))  # 1 MiB .. 64 GiB
+
+ENTRY = Entry(
+    name="memory",
+    summary="fail the task that eats memory instead of losing the whole worker",
+    runs_on={
+        "worker": "samples RSS, attributes growth to running tasks, fails offenders",
+        "scheduler": "nothing",
+        "nanny": "nothing",
+        "client": "registers MemoryGuard on every worker",
+    },
+    options=[
+        Option(
+            "task-limit",
+            Size(nullable=True),
+            None,
+            "Fail a task whose attributed memory growth exceeds this size "
+            "(annotation catalog_memory_limit overrides it per task).",
+        ),
+        Option(
+            "process-limit",
+            SizeOrFraction(of="worker memory limit", nullable=True),
+            0.9,
+            "Above this process memory, fail the running task with the largest "
+            "attributed growth (between distributed's pause 0.8 and terminate 0.95).",
+        ),
+        Option(
+            "host-min-available",
+            SizeOrFraction(of="host's total memory", nullable=True),
+            None,
+            "Pause the worker while the host's available memory is below this, "
+            "until it is back above 1.25 times it.",
+        ),
+        Option(
+            "interval",
+            Duration(),
+            "50ms",
+            "How often the worker's memory is sampled.",
+        ),
+    ],
+    examples=(
+        "dask worker tcp://scheduler:8786 --nthreads 1 --memory-limit 4GiB "
+        "--preload catalog.memory --memory-task-limit 1GiB",
+    ),
+)
+
+
+class TaskMemoryLimitExceeded(TaskInterrupt, MemoryError):
+    """Raised inside a task that the memory guard failed.
+
+    The message names the key, the limit and the memory observed. It is a
+    ``MemoryError``, so ``except MemoryError`` in user code sees it too.
+    """
+
+    def __new__(cls, *args: Any) -> TaskMemoryLimitExceeded:
+        # MemoryError.__new__ refuses this layout ("is not safe"), and tblib,
+        # which distributed uses to ship exceptions, calls cls.__new__ directly.
+        return Exception.__new__(cls, *args)
+
+
+# ---------------------------------------------------------------------------
+# Attribution (pure functions, documented in docs/entries/memory.md)
+# ---------------------------------------------------------------------------
+
+
+def split_growth(
+    delta: float,
+    held: Sequence[float],
+    weights: Sequence[float | None],
+) -> list[float]:
+    """Split one sampling interval's RSS change among the tasks that ran in it.
+
+    Args:
+        delta: RSS now minus RSS at the previous sample (bytes).
+        held: each task's attributed growth so far.
+        weights: each task's thread's new page faults in the interval, or None
+            when unknown (not Linux, or the thread's first interval).
+
+    Returns:
+        Each task's share. One task gets all of ``delta``. Growth is split in
+        proportion to page faults (a thread that touches new memory faults it
+        in), unknown weights taking the mean of the known ones, and equally when
+        nothing is known. A drop is split in proportion to what each task holds.
+    """
+    n = len(held)
+    if n == 0:
+        return []
+    if n == 1:
+        return [delta]
+    if delta >= 0:
+        known = [w for w in weights if w is not None]
+        mean = sum(known) / len(known) if known else 1.0
+        parts = [mean if w is None else float(w) for w in weights]
+    else:
+        parts = [max(h, 0.0) for h in held]
+    total = sum(parts)
+    if total <= 0:
+        return [delta / n] * n
+    return [delta * p / total for p in parts]
+
+
+def host_decision(paused: bool, available: int, threshold: int) -> str | None:
+    """``"pause"``, ``"resume"`` or None, with the 1.25x hysteresis."""
+    if not paused and available < threshold:
+        return "pause"
+    if paused and available > RESUME_FACTOR * threshold:
+        return "resume"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Per-thread page faults (Linux)
+# ---------------------------------------------------------------------------
+
+_TASK_DIR = "/proc/self/task"
+HAVE_FAULTS = os.path.isdir(_TASK_DIR)
+
+
+def _minor_faults(native_id: int) -> int | None:
+    try:
+        with open(f"{_TASK_DIR}/{native_id}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # Fields after the ")" closing the thread name: state is 3, minflt is 10.
+    return int(text.rsplit(b")", 1)[1].split()[7])
+
+
+# ---------------------------------------------------------------------------
+# The plugin
+# ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    """One running task, as the sampler sees it."""
+
+    key: Any
+    prefix: str
+    thread: int
+    limit: int | None
+    attributed: float = 0.0
+    peak: float = 0.0
+    shared: bool = False
+    fired: str | None = None
+    fired_rss: int = 0
+    fired_sample: int = 0
+    warned: bool = False
+    faults: int | None = None
+    first: bool = True
+
+
+@dataclass(slots=True)
+class _PrefixStats:
+    count: int = 0
+    total: float = 0.0
+    max: int = 0
+    shared: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "mean": self.total / self.count if self.count else 0.0,
+            "max": self.max,
+            "shared": self.shared,
+            "failed": self.failed,
+        }
+
+
+@dataclass
+class _State:
+    """What one active guard builds in setup (dropped at teardown)."""
+
+    process: psutil.Process
+    interval: float
+    task_limit: int | None
+    process_limit: int | None
+    host_threshold: int | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    thread: threading.Thread | None = None
+    running: dict[int, _Running] = field(default_factory=dict)
+    by_key: dict[Any, _Running] = field(default_factory=dict)
+    recent: OrderedDict[Any, int] = field(default_factory=OrderedDict)
+    prefixes: dict[str, _PrefixStats] = field(default_factory=dict)
+    native: dict[int, int] = field(default_factory=dict)
+    last_rss: int | None = None
+    sample: int = 0
+    collect: bool = False
+    fired_keys: set[Any] = field(default_factory=set)
+    victim: Any = None
+    victim_left: bool = False
+    rearm: int | None = None
+    host_paused: bool = False
+    pause_hook: Callable[..., Any] | None = None
+
+
+class MemoryGuard(WorkerEntryPlugin):
+    """Measure each task's memory on the worker and fail the offender in time.
+
+    A daemon thread samples the process RSS every ``interval`` and attributes
+    its growth to the running tasks. A task over ``task-limit`` (or its
+    ``catalog_memory_limit`` annotation), or the largest grower when the process
+    passes ``process-limit``, is failed with :class:`TaskMemoryLimitExceeded`
+    before the nanny would kill the whole worker. Below ``host-min-available``
+    of free host memory the worker pauses.
+
+    Args:
+        task_limit: size; None for no per-task limit.
+        process_limit: size, or fraction of the worker memory limit (0.9).
+        host_min_available: size, or fraction of the host's total memory.
+        interval: sampling period (``"50ms"``).
+
+    Example:
+        >>> from distributed import Client, LocalCluster
+        >>> import catalog
+        >>> cluster = LocalCluster(n_workers=1, threads_per_worker=1,
+        ...     processes=False, protocol="tcp", host="127.0.0.1",
+        ...     dashboard_address="127.0.0.1:0")
+        >>> client = Client(cluster)
+        >>> _ = client.register_plugin(catalog.MemoryGuard(task_limit="300MiB"))
+        >>> def grow():
+        ...     return len([b"x" * 2**20 for _ in range(10)])
+        >>> client.submit(grow).result()
+        10
+        >>> client.close(); cluster.close()
+    """
+
+    entry = ENTRY
+
+    # -- lifecycle ------------------------------------------------------------
+    def on_setup(self, worker: Any) -> None:
+        s = self.settings
+        process = psutil.Process()
+        state = _State(
+            process=process,
+            interval=s.interval,
+            task_limit=s.task_limit,
+            process_limit=self._process_limit(worker),
+            host_threshold=_of_total(
+                s.host_min_available, psutil.virtual_memory().total
+            ),
+        )
+        state.last_rss = process.memory_info().rss
+        self._state = state
+        if state.host_threshold is not None:
+            self._hold_distributed_unpause(worker, state)
+        state.thread = threading.Thread(
+            target=self._run, args=(worker, state), name="catalog-memory", daemon=True
+        )
+        state.thread.start()
+
+    def on_teardown(self, worker: Any) -> None:
+        state: _State | None = getattr(self, "_state", None)
+        if state is None:
+            return
+        state.stop.set()
+        if state.thread is not None and state.thread is not threading.current_thread():
+            state.thread.join(timeout=max(1.0, 4 * state.interval))
+        manager = getattr(worker, "memory_manager", None)
+        if state.pause_hook is not None and manager is not None:
+            if manager.__dict__.get("_maybe_pause_or_unpause") is state.pause_hook:
+                del manager.__dict__["_maybe_pause_or_unpause"]
+        if state.host_paused:
+            state.host_paused = False
+            run_soon(worker, self._apply_resume, worker)
+
+    def _process_limit(self, worker: Any) -> int | None:
+        value = self.settings.process_limit
+        if value is None:
+            return None
+        if isinstance(value, float):
+            manager = getattr(worker, "memory_manager", None)
+            total = getattr(manager, "memory_limit", None)
+            if not total:
+                logger.info(
+                    "process-limit %s is a fraction and the worker has no memory "
+                    "limit: process-limit is off",
+                    value,
+                )
+                return None
+            terminate = getattr(manager, "memory_terminate_fraction", None) or 0.95
+            if value >= terminate:
+                logger.warning(
+                    "process-limit %s is not below the nanny's terminate fraction "
+                    "%s: the nanny may kill the worker first",
+                    value,
+                    terminate,
+                )
+            return int(total * value)
+        return int(value)
+
+    # -- public -------------------------------------------------------------
+    def peak_of(self, key: Any) -> int | None:
+        """Peak attributed memory (bytes) of a running or recently finished task.
+
+        Returns None for a task the guard never sampled (shorter than
+        ``interval``) or has forgotten (more than 10,000 tasks ago).
+        """
+        state: _State | None = getattr(self, "_state", None)
+        if state is None:
+            return None
+        with state.lock:
+            rec = state.by_key.get(key)
+            if rec is not None:
+                return int(rec.peak)
+            return state.recent.get(key)
+
+    def prefix_stats(self) -> dict[str, dict[str, Any]]:
+        """Per task prefix: count, mean and max peak, shared and failed counts."""
+        state: _State | None = getattr(self, "_state", None)
+        if state is None:
+            return {}
+        with state.lock:
+            return {p: st.as_dict() for p, st in state.prefixes.items()}
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        state: _State | None = getattr(self, "_state", None)
+        if state is not None:
+            out.update(
+                process_limit_bytes=state.process_limit,
+                host_min_available_bytes=state.host_threshold,
+                host_paused=state.host_paused,
+                running=len(state.running),
+            )
+        return out
+
+    # -- hot path --------------------------------------------------------------
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        # A seceded or cancelled task still runs in its thread: only its leaving
+        # the running states ends its record.
+        if start in RUNNING_STATES and finish not in RUNNING_STATES:
+            state: _State | None = getattr(self, "_state", None)
+            if state is not None:
+                self._finish(self.server, state, key)
+                if key in state.fired_keys:
+                    # distributed has dropped the task's result message: its
+                    # exception, traceback and frames are now garbage.
+                    state.fired_keys.discard(key)
+                    if key == state.victim:
+                        state.victim_left = True
+                    state.collect = True
+
+    # -- sampler ------------------------------------------------------------
+    def _run(self, worker: Any, state: _State) -> None:
+        while not state.stop.wait(state.interval):
+            try:
+                self._sample(worker, state)
+            except Exception as exc:
+                self.report_error("sampling memory", exc)
+
+    def _sample(self, worker: Any, state: _State) -> None:
+        state.sample += 1
+        if state.collect:
+            # A failed task's frames (and its memory) hang in a reference cycle
+            # through the exception's traceback until the next full collection.
+            state.collect = False
+            gc.collect()
+            state.last_rss = state.process.memory_info().rss
+            if state.victim_left:
+                state.victim_left = False
+                state.victim = None
+                state.rearm = state.last_rss
+        rss = state.process.memory_info().rss
+        with worker.active_threads_lock:
+            active = dict(worker.active_threads)
+        delta = rss - (state.last_rss if state.last_rss is not None else rss)
+        state.last_rss = rss
+
+        for tid, rec in list(state.running.items()):
+            if active.get(tid) != rec.key:
+                self._finish(worker, state, rec.key)
+        for tid, key in active.items():
+            if tid not in state.running:
+                self._start(worker, state, tid, key)
+        tasks = list(state.running.values())
+
+        weights: list[float | None] = [None] * len(tasks)
+        if HAVE_FAULTS and len(tasks) > 1:
+            for i, rec in enumerate(tasks):
+                faults = self._faults_of(state, rec.thread)
+                if faults is not None and rec.faults is not None and not rec.first:
+                    weights[i] = max(faults - rec.faults, 0)
+                rec.faults = faults
+        elif HAVE_FAULTS:
+            for rec in tasks:
+                rec.faults = None
+        shares = split_growth(delta, [r.attributed for r in tasks], weights)
+        with state.lock:
+            for rec, share in zip(tasks, shares, strict=True):
+                if rec.first:
+                    share = max(share, 0.0)
+                    rec.first = False
+                rec.attributed = max(rec.attributed + share, 0.0)
+                rec.peak = max(rec.peak, rec.attributed)
+                if len(tasks) > 1:
+                    rec.shared = True
+
+        for rec in tasks:
+            if (
+                rec.fired is None
+                and rec.limit is not None
+                and rec.attributed > rec.limit
+            ):
+                self._fire(worker, state, rec, "task-limit", rec.limit, rss)
+        if state.process_limit is not None:
+            if rss > state.process_limit:
+                self._over_process_limit(worker, state, tasks, rss)
+            else:
+                state.rearm = None
+        if state.host_threshold is not None:
+            self._check_host(worker, state)
+
+    def _start(self, worker: Any, state: _State, tid: int, key: Any) -> None:
+        ts = worker.state.tasks.get(key)
+        prefix = getattr(ts, "prefix", None) or key_split(key)
+        limit = state.task_limit
+        annotations = getattr(ts, "annotations", None) or {}
+        if ANNOTATION in annotations:
+            try:
+                limit = Size(nullable=True).convert(annotations[ANNOTATION], None, None)
+            except Exception as exc:
+                self.report_error(f"annotation {ANNOTATION} of {key!r}", exc)
+        rec = _Running(key=key, prefix=prefix, thread=tid, limit=limit)
+        with state.lock:
+            state.running[tid] = rec
+            state.by_key[key] = rec
+
+    def _finish(self, worker: Any, state: _State, key: Any) -> None:
+        with state.lock:
+            rec = state.by_key.pop(key, None)
+            if rec is None:
+                return
+            if state.running.get(rec.thread) is rec:
+                del state.running[rec.thread]
+            peak = int(rec.peak)
+            state.recent[key] = peak
+            if len(state.recent) > RECENT_TASKS:
+                state.recent.popitem(last=False)
+            stats = state.prefixes.get(rec.prefix)
+            if stats is None:
+                stats = state.prefixes[rec.prefix] = _PrefixStats()
+            stats.count += 1
+            stats.total += peak
+            stats.max = max(stats.max, peak)
+            stats.shared += rec.shared
+            stats.failed += rec.fired is not None
+        if rec.fired is not None:
+            # Left executing by itself (finished inside C code) before the
+            # exception landed: it must not hit the thread's next task.
+            cancel_undelivered(worker, rec.thread)
+        fam = families_for(worker)
+        if fam is not None:
+            fam.histogram(
+                "task_peak_memory_bytes",
+                "Peak memory growth attributed to a task, in bytes",
+                ["prefix"],
+                buckets=PEAK_BUCKETS,
+            ).labels(fam.prefix(rec.prefix)).observe(peak)
+
+    def _faults_of(self, state: _State, tid: int) -> int | None:
+        native = state.native.get(tid)
+        if native is None:
+            state.native = {
+                t.ident: t.native_id
+                for t in threading.enumerate()
+                if t.ident is not None and t.native_id is not None
+            }
+            native = state.native.get(tid)
+            if native is None:
+                return None
+        return _minor_faults(native)
+
+    def _over_process_limit(
+        self, worker: Any, state: _State, tasks: list[_Running], rss: int
+    ) -> None:
+        assert state.process_limit is not None
+        fired = [r for r in tasks if r.fired is not None]
+        for rec in fired:
+            waited = state.sample - rec.fired_sample
+            if (
+                not rec.warned
+                and waited >= STILL_RUNNING_SAMPLES
+                and rss > rec.fired_rss
+            ):
+                rec.warned = True
+                self._act(
+                    worker,
+                    "still-running",
+                    rec,
+                    state.process_limit,
+                    {"rss": rss},
+                    f"task {rec.key!r} was failed but has not stopped (blocked in C "
+                    f"code?) and process memory keeps rising: {format_bytes(rss)} > "
+                    f"process-limit {format_bytes(state.process_limit)}; leaving the "
+                    "last word to the nanny",
+                )
+        if state.victim is not None:
+            return  # wait for the last victim to leave before choosing another
+        if state.rearm is not None and rss <= state.rearm:
+            return  # memory has not risen since the last victim left
+        candidates = [r for r in tasks if r.fired is None and r.attributed > 0]
+        if candidates:
+            victim = max(candidates, key=lambda r: r.attributed)
+            self._fire(worker, state, victim, "process-limit", state.process_limit, rss)
+
+    def _fire(
+        self,
+        worker: Any,
+        state: _State,
+        rec: _Running,
+        action: str,
+        limit: int,
+        rss: int,
+    ) -> None:
+        observed = int(rec.attributed)
+        shared = " (shared: other tasks ran meanwhile)" if rec.shared else ""
+        if action == "task-limit":
+            message = (
+                f"task {rec.key!r} exceeded its memory limit: {format_bytes(observed)} "
+                f"attributed growth{shared} > task-limit {format_bytes(limit)}"
+            )
+        else:
+            message = (
+                f"task {rec.key!r} failed to protect the worker: process memory "
+                f"{format_bytes(rss)} > process-limit {format_bytes(limit)}, and this "
+                f"task had the largest attributed growth, {format_bytes(observed)}"
+                f"{shared}"
+            )
+        if not interrupt_task(
+            worker, rec.thread, rec.key, TaskMemoryLimitExceeded, message
+        ):
+            return  # not inside the task's own call right now: next sample
+        rec.fired = action
+        rec.fired_rss = rss
+        rec.fired_sample = state.sample
+        state.fired_keys.add(rec.key)
+        if action == "process-limit":
+            state.victim = rec.key
+        self._act(worker, action, rec, limit, {"rss": rss}, message + " (failing it)")
+
+    def _act(
+        self,
+        worker: Any,
+        action: str,
+        rec: _Running | None,
+        limit: int,
+        figures: dict[str, int],
+        message: str,
+    ) -> None:
+        logger.warning("%s", message)
+        event: dict[str, Any] = {
+            "action": action,
+            "worker": str(getattr(worker, "address", "")),
+            "limit": int(limit),
+            **figures,
+        }
+        if rec is not None:
+            event.update(
+                key=str(rec.key),
+                prefix=rec.prefix,
+                observed=int(rec.attributed),
+                shared=rec.shared,
+            )
+        log_worker_event(worker, TOPIC, event)
+        fam = families_for(worker)
+        if fam is not None:
+            label = fam.prefix(rec.prefix) if rec is not None else ""
+            fam.counter(
+                "memory_actions",
+                "Actions of the memory guard (failed tasks, pauses, warnings)",
+                ["action", "prefix"],
+            ).labels(action, label).inc()
+
+    # -- host memory ------------------------------------------------------------
+    def _check_host(self, worker: Any, state: _State) -> None:
+        assert state.host_threshold is not None
+        available = psutil.virtual_memory().available
+        decision = host_decision(state.host_paused, available, state.host_threshold)
+        if decision is None:
+            return
+        threshold = state.host_threshold
+        if decision == "pause":
+            state.host_paused = True
+            text = (
+                f"host available memory {format_bytes(available)} < host-min-available "
+                f"{format_bytes(threshold)}: pausing the worker"
+            )
+            run_soon(worker, self._apply_pause, worker)
+        else:
+            state.host_paused = False
+            text = (
+                f"host available memory {format_bytes(available)} > "
+                f"{RESUME_FACTOR} x host-min-available {format_bytes(threshold)}: "
+                "resuming the worker"
+            )
+            run_soon(worker, self._apply_resume, worker)
+        self._act(worker, decision, None, threshold, {"available": available}, text)
+
+    def _hold_distributed_unpause(self, worker: Any, state: _State) -> None:
+        """Keep distributed's memory monitor from lifting our pause.
+
+        Its monitor sets a paused worker running whenever the *process* is below
+        the pause fraction, which says nothing about the host.
+        """
+        manager = getattr(worker, "memory_manager", None)
+        original = getattr(manager, "_maybe_pause_or_unpause", None)
+        if original is None:
+            return
+
+        def _maybe_pause_or_unpause(worker: Any, memory: int) -> None:
+            if state.host_paused and worker.status == Status.paused:
+                return
+            original(worker, memory)
+
+        state.pause_hook = _maybe_pause_or_unpause
+        manager.__dict__["_maybe_pause_or_unpause"] = _maybe_pause_or_unpause
+
+    def _apply_pause(self, worker: Any) -> None:
+        state: _State | None = getattr(self, "_state", None)
+        if state is not None and state.host_paused and worker.status == Status.running:
+            worker.status = Status.paused
+
+    def _apply_resume(self, worker: Any) -> None:
+        state: _State | None = getattr(self, "_state", None)
+        if state is not None and state.host_paused:
+            return
+        if worker.status != Status.paused:
+            return
+        manager = getattr(worker, "memory_manager", None)
+        fraction = getattr(manager, "memory_pause_fraction", False)
+        total = getattr(manager, "memory_limit", None)
+        if fraction and total:
+            memory = worker.monitor.get_process_memory()
+            if memory / total > fraction:
+                return  # distributed's own pause holds; its monitor lifts it
+        worker.status = Status.running
+
+
+def _of_total(value: float | int | None, total: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return int(total * value)
+    return int(value)
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+
+
+def _worker_report(dask_worker: Any) -> dict[str, dict[str, Any]]:
+    plugin = dask_worker.plugins.get(ENTRY.plugin_name)
+    if plugin is None or not hasattr(plugin, "prefix_stats"):
+        return {}
+    return plugin.prefix_stats()
+
+
+def merge_reports(
+    reports: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> dict[str, dict[str, Any]]:
+    """Merge per-worker per-prefix stats into one mapping per prefix."""
+    merged: dict[str, dict[str, Any]] = {}
+    for per_prefix in reports.values():
+        for prefix, st in per_prefix.items():
+            out = merged.setdefault(
+                prefix, {"count": 0, "mean": 0.0, "max": 0, "shared": 0, "failed": 0}
+            )
+            total = out["mean"] * out["count"] + st["mean"] * st["count"]
+            out["count"] += st["count"]
+            out["mean"] = total / out["count"] if out["count"] else 0.0
+            out["max"] = max(out["max"], st["max"])
+            out["shared"] += st["shared"]
+            out["failed"] += st["failed"]
+    return dict(sorted(merged.items()))
+
+
+def report(client: Any) -> Any:
+    """Peak task memory per prefix, from every worker with the guard.
+
+    Returns:
+        ``{prefix: {"count", "mean", "max", "shared", "failed"}}`` with sizes in
+        bytes: ``count`` measured tasks, ``shared`` of them measured while other
+        tasks ran, ``failed`` by the guard. With an asynchronous client, a
+        coroutine to await.
+    """
+    if getattr(client, "asynchronous", False):
+
+        async def _report() -> dict[str, dict[str, Any]]:
+            return merge_reports(await client.run(_worker_report))
+
+        return _report()
+    return merge_reports(client.run(_worker_report))
+
+
+dask_setup, dask_teardown = entry_preload(ENTRY, worker=MemoryGuard)

@@ -1,0 +1,484 @@
+"""Tests of catalog.memory: the memory guard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import dask
+import pytest
+from distributed import Client, KilledWorker, LocalCluster
+from distributed.core import Status
+from distributed.utils_test import captured_logger, gen_cluster
+
+import catalog
+from catalog import _prom
+from catalog._entry import OptionError
+from catalog._prom import Families
+from catalog.memory import (
+    ENTRY,
+    MemoryGuard,
+    TaskMemoryLimitExceeded,
+    dask_setup,
+    host_decision,
+    merge_reports,
+    report,
+    split_growth,
+)
+from tests.procs import LOOPBACK, dask_command
+
+MiB = 2**20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def grow(step_mib: int = 20, steps: int = 50, pause: float = 0.02) -> int:
+    """Touch ``step_mib`` more MiB per iteration; return the MiB held at the end."""
+    held = []
+    for _ in range(steps):
+        held.append(b"x" * (step_mib * MiB))  # written, so really resident
+        time.sleep(pause)
+    return len(held) * step_mib
+
+
+def make_data(n: int) -> bytes:
+    return b"d" * n
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def times_computed(client: Client, key: str) -> int:
+    """How often the scheduler sent ``key`` to a worker (from its transition log)."""
+
+    def count(dask_scheduler) -> int:
+        return sum(1 for t in dask_scheduler.story(key) if t[2] == "processing")
+
+    return client.run_on_scheduler(count)
+
+
+def guard_events(client: Client) -> list[dict]:
+    return [msg for _, msg in client.get_events("catalog.memory")]
+
+
+async def guard_events_async(client: Client) -> list[dict]:
+    return [msg for _, msg in await client.get_events("catalog.memory")]
+
+
+# ---------------------------------------------------------------------------
+# Unit level
+# ---------------------------------------------------------------------------
+
+
+def test_defaults_and_names():
+    guard = MemoryGuard()
+    assert guard.name == "catalog.memory"
+    assert guard.settings.task_limit is None
+    assert guard.settings.process_limit == 0.9
+    assert guard.settings.host_min_available is None
+    assert guard.settings.interval == 0.05
+    assert catalog.MemoryGuard is MemoryGuard
+
+
+def test_settings_parse_sizes_and_fractions():
+    guard = MemoryGuard(
+        task_limit="300MiB",
+        process_limit="3GiB",
+        host_min_available=0.1,
+        interval="10ms",
+    )
+    assert guard.settings.task_limit == 300 * MiB
+    assert guard.settings.process_limit == 3 * 2**30
+    assert guard.settings.host_min_available == 0.1
+    assert guard.settings.interval == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"task_limit": "lots"}, "task_limit"),
+        ({"task_limit": "300"}, "task_limit"),
+        ({"process_limit": 1.5}, "process_limit"),
+        ({"host_min_available": "-1GiB"}, "host_min_available"),
+        ({"interval": "0s"}, "interval"),
+    ],
+)
+def test_bad_python_values_name_the_option(kwargs, named):
+    with pytest.raises(OptionError, match=named):
+        MemoryGuard(**kwargs)
+
+
+def test_config_is_read_at_construction():
+    with dask.config.set({"catalog.memory.task-limit": "1GiB"}):
+        assert MemoryGuard().settings.task_limit == 2**30
+    assert MemoryGuard(task_limit="2GiB").settings.task_limit == 2 * 2**30
+
+
+def test_pickle_keeps_only_settings():
+    guard = MemoryGuard(task_limit="300MiB", interval="20ms")
+    clone = pickle.loads(pickle.dumps(guard))
+    assert clone.settings == guard.settings
+    assert not clone.active
+    assert clone.peak_of("x") is None
+
+
+def test_exception_is_a_memory_error_and_pickles():
+    exc = TaskMemoryLimitExceeded("task 'x' exceeded its memory limit")
+    assert isinstance(exc, MemoryError)
+    assert isinstance(exc, catalog._runtime.TaskInterrupt)
+    clone = pickle.loads(pickle.dumps(exc))
+    assert type(clone) is TaskMemoryLimitExceeded
+    assert str(clone) == "task 'x' exceeded its memory limit"
+
+
+def test_dask_setup_parses_its_options():
+    ctx = dask_setup.make_context(
+        "dask_setup",
+        ["--memory-task-limit", "300MiB", "--memory-process-limit", "0.85"],
+    )
+    given = ENTRY.given_from_params(ctx.params)
+    assert given == {"task_limit": 300 * MiB, "process_limit": 0.85}
+    bad = dask_setup.make_context("dask_setup", ["--memory-process-limit", "1.5"])
+    assert "--memory-process-limit" in bad.params["_usage_error"]
+
+
+def test_split_growth_rule():
+    assert split_growth(100.0, [0.0], [None]) == [100.0]
+    # Growth follows page faults; an unknown weight takes the mean of the known.
+    assert split_growth(100.0, [0.0, 0.0], [300, 100]) == [75.0, 25.0]
+    assert split_growth(90.0, [0.0, 0.0, 0.0], [None, 10, 20]) == [30.0, 20.0, 40.0]
+    assert split_growth(90.0, [0.0, 0.0, 0.0], [None, None, None]) == [30.0] * 3
+    # A drop goes to the tasks holding memory, in proportion.
+    assert split_growth(-40.0, [30.0, 10.0], [5, 5]) == [-30.0, -10.0]
+    assert split_growth(-40.0, [0.0, 0.0], [5, 5]) == [-20.0, -20.0]
+
+
+def test_host_decision_has_hysteresis():
+    assert host_decision(False, 90, 100) == "pause"
+    assert host_decision(False, 110, 100) is None
+    assert host_decision(True, 110, 100) is None  # not yet 1.25x
+    assert host_decision(True, 126, 100) == "resume"
+
+
+def test_merge_reports():
+    merged = merge_reports(
+        {
+            "w1": {
+                "grow": {"count": 1, "mean": 10.0, "max": 10, "shared": 0, "failed": 1}
+            },
+            "w2": {
+                "grow": {"count": 3, "mean": 30.0, "max": 50, "shared": 2, "failed": 0}
+            },
+        }
+    )
+    assert merged == {
+        "grow": {"count": 4, "mean": 25.0, "max": 50, "shared": 2, "failed": 1}
+    }
+
+
+# ---------------------------------------------------------------------------
+# In-process cluster
+# ---------------------------------------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_task_limit_fails_the_task_and_worker_goes_on(c, s, a):
+    guard = MemoryGuard(task_limit="100MiB", interval="20ms")
+    await c.register_plugin(guard)
+    with captured_logger("catalog.memory", level=logging.WARNING) as log:
+        fut = c.submit(grow, 10, 60, 0.01, key="grow-1")
+        with pytest.raises(TaskMemoryLimitExceeded, match=r"grow-1.*100\.00 MiB"):
+            await fut
+    assert "exceeded its memory limit" in log.getvalue()
+    assert await c.submit(sum, [1, 2], key="after") == 3
+    plugin = a.plugins["catalog.memory"]
+    peak = plugin.peak_of("grow-1")
+    assert peak is not None and 100 * MiB < peak < 400 * MiB
+    for _ in range(100):
+        events = await guard_events_async(c)
+        if events:
+            break
+        await asyncio.sleep(0.05)
+    (event,) = events
+    assert event["action"] == "task-limit"
+    assert event["key"] == "grow-1"
+    assert event["prefix"] == "grow"
+    assert event["limit"] == 100 * MiB
+    assert event["observed"] > 100 * MiB
+    stats = await report(c)
+    assert stats["grow"]["count"] == 1
+    assert stats["grow"]["failed"] == 1
+    assert stats["grow"]["max"] == peak
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_metrics_families_when_metrics_entry_is_active(c, s, a):
+    # What the metrics entry does at setup: attach this worker's families.
+    fam = Families("dask_catalog", {"worker": a.address}, max_prefixes=10)
+    _prom.attach(a, fam)
+    try:
+        await c.register_plugin(MemoryGuard(task_limit="50MiB", interval="20ms"))
+        with pytest.raises(TaskMemoryLimitExceeded):
+            await c.submit(grow, 10, 60, 0.01, key="hog-1")
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for metric in fam.collect()
+            for sample in metric.samples
+        }
+    finally:
+        _prom.detach(a)
+    action = (
+        "dask_catalog_memory_actions_total",
+        (("action", "task-limit"), ("prefix", "hog"), ("worker", a.address)),
+    )
+    assert samples[action] == 1
+    count = (
+        "dask_catalog_task_peak_memory_bytes_count",
+        (("prefix", "hog"), ("worker", a.address)),
+    )
+    assert samples[count] == 1
+    total = (
+        "dask_catalog_task_peak_memory_bytes_sum",
+        (("prefix", "hog"), ("worker", a.address)),
+    )
+    assert samples[total] > 50 * MiB
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_annotation_overrides_task_limit(c, s, a):
+    await c.register_plugin(MemoryGuard(task_limit="2GiB", interval="20ms"))
+    with dask.annotate(catalog_memory_limit="60MiB"):
+        fut = c.submit(grow, 10, 60, 0.01, key="tight")
+    with pytest.raises(TaskMemoryLimitExceeded, match=r"60\.00 MiB"):
+        await fut
+    # The same work without the annotation runs to the end under 2GiB.
+    assert await c.submit(grow, 10, 12, 0.01, key="loose") == 120
+    # Measured, though freed memory the allocator reuses does not count as growth.
+    assert a.plugins["catalog.memory"].peak_of("loose") is not None
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[(LOOPBACK, 1)],
+    worker_kwargs={"memory_limit": "64GiB"},
+)
+async def test_host_pause_holds_against_distributed_monitor(c, s, a):
+    # More than any host has available: the guard pauses at once.
+    await c.register_plugin(MemoryGuard(host_min_available="1000TiB", interval="20ms"))
+    for _ in range(200):
+        if a.status == Status.paused:
+            break
+        await asyncio.sleep(0.02)
+    assert a.status == Status.paused
+    # distributed's monitor (100 ms, process far below its pause fraction)
+    # would unpause it; the guard's pause holds.
+    await asyncio.sleep(0.5)
+    assert a.status == Status.paused
+    fut = c.submit(sum, [1, 2], key="waits")
+    await asyncio.sleep(0.3)
+    assert not fut.done()
+    assert any(e["action"] == "pause" for e in await guard_events_async(c))
+    # Removing the guard resumes the worker and the task runs.
+    await c.unregister_worker_plugin("catalog.memory")
+    assert await fut == 3
+    assert a.status == Status.running
+    assert "_maybe_pause_or_unpause" not in a.memory_manager.__dict__
+
+
+def seceded_grow() -> int:
+    from distributed import secede
+
+    secede()
+    return grow(10, 60, 0.01)
+
+
+def alloc_then_block(mib: int, seconds: float) -> int:
+    held = b"x" * (mib * MiB)
+    time.sleep(seconds)  # one C call: an async exception waits for its return
+    return len(held)
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_seceded_task_is_still_guarded_and_counted_once(c, s, a):
+    await c.register_plugin(MemoryGuard(task_limit="60MiB", interval="20ms"))
+    with pytest.raises(TaskMemoryLimitExceeded, match="seceded"):
+        await c.submit(seceded_grow, key="seceded")
+    stats = await report(c)
+    assert stats["seceded"]["count"] == 1
+    assert stats["seceded"]["failed"] == 1
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 2)])
+async def test_task_blocked_in_c_then_still_rising_warns(c, s, a):
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    guard = MemoryGuard(
+        task_limit="50MiB", process_limit=f"{rss // MiB + 120}MiB", interval="20ms"
+    )
+    await c.register_plugin(guard)
+    with captured_logger("catalog.memory", level=logging.WARNING) as log:
+        blocked = c.submit(alloc_then_block, 80, 2.0, key="blocked")
+        while "blocked" not in a.active_threads.values():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        grower = c.submit(grow, 4, 100, 0.02, key="grower")
+        with pytest.raises(TaskMemoryLimitExceeded, match="task-limit"):
+            await blocked
+        with pytest.raises(TaskMemoryLimitExceeded, match="process-limit"):
+            await grower
+    assert "was failed but has not stopped" in log.getvalue()
+    actions = [(e["action"], e["key"]) for e in await guard_events_async(c)]
+    assert actions[:3] == [
+        ("task-limit", "blocked"),
+        ("still-running", "blocked"),
+        ("process-limit", "grower"),
+    ]
+    # The worker's threads survived: both run the next tasks.
+    assert await c.gather(c.map(sum, [[1], [2], [3]])) == [1, 2, 3]
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_teardown_stops_the_sampler(c, s, a):
+    await c.register_plugin(MemoryGuard(interval="10ms"))
+    plugin = a.plugins["catalog.memory"]
+    thread = plugin._state.thread
+    assert thread.is_alive()
+    await c.unregister_worker_plugin("catalog.memory")
+    assert not thread.is_alive()
+    assert not plugin.active
+
+
+# ---------------------------------------------------------------------------
+# Real worker processes
+# ---------------------------------------------------------------------------
+
+
+def local_cluster(**kwargs) -> LocalCluster:
+    return LocalCluster(
+        n_workers=1,
+        processes=True,
+        host=LOOPBACK,
+        dashboard_address=f"{LOOPBACK}:0",
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_cli_worker_fails_task_keeps_data_and_pid(procs):
+    _, address = procs.scheduler(env={"PYTHONPATH": REPO})
+    worker = procs.worker(
+        address,
+        "--nthreads",
+        "1",
+        "--memory-limit",
+        "2GiB",
+        "--preload",
+        "catalog.memory",
+        "--memory-task-limit",
+        "300MiB",
+        env={"PYTHONPATH": REPO},
+    )
+    with Client(address) as client:
+        pid = client.submit(worker_pid, pure=False).result()
+        data = client.submit(make_data, 10 * MiB, key="earlier")
+        assert len(data.result()) == 10 * MiB
+        fut = client.submit(grow, 20, 50, 0.02, key="hog")
+        with pytest.raises(TaskMemoryLimitExceeded, match=r"hog.*300\.00 MiB") as info:
+            fut.result(timeout=60)
+        assert "task-limit" in str(info.value)
+        # Same process, earlier result still there (no recomputation), next task runs.
+        assert client.submit(worker_pid, pure=False).result() == pid
+        held = client.run(lambda dask_worker: "earlier" in dask_worker.data)
+        assert list(held.values()) == [True]
+        assert times_computed(client, "earlier") == 1
+        assert client.submit(len, data).result() == 10 * MiB
+        deadline = time.monotonic() + 10
+        while not guard_events(client) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (event,) = guard_events(client)
+        assert event["action"] == "task-limit"
+        assert 300 * MiB < event["observed"] < 400 * MiB
+        stats = report(client)
+        assert stats["hog"]["failed"] == 1
+        assert 300 * MiB < stats["hog"]["max"] < 400 * MiB
+    # An operator sees the WARNING on the worker's stderr without the logging entry.
+    worker.wait_for(r"catalog\.memory - WARNING - task .hog. exceeded its memory limit")
+
+
+@pytest.mark.slow
+def test_without_guard_the_nanny_restarts_the_worker():
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        local_cluster(threads_per_worker=1, memory_limit="600MiB") as cluster,
+        Client(cluster) as client,
+    ):
+        pid = client.submit(worker_pid, pure=False).result()
+        data = client.submit(make_data, MiB, key="earlier")
+        data.result()
+        fut = client.submit(grow, 20, 60, 0.02, key="hog")
+        with pytest.raises(KilledWorker):
+            fut.result(timeout=120)
+        client.wait_for_workers(1, timeout=60)
+        assert client.submit(worker_pid, pure=False).result() != pid
+        # The earlier result died with the worker and was computed again.
+        assert data.result() == b"d" * MiB
+        assert times_computed(client, "earlier") == 2
+
+
+@pytest.mark.slow
+def test_process_limit_fails_the_larger_of_two_growing_tasks():
+    with (
+        local_cluster(threads_per_worker=2, memory_limit="2GiB") as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(MemoryGuard(process_limit="800MiB", interval="20ms"))
+        base = client.run(lambda: __import__("psutil").Process().memory_info().rss)
+        (base_rss,) = base.values()
+        assert base_rss < 500 * MiB
+        big = client.submit(grow, 20, 60, 0.02, key="big")
+        small = client.submit(grow, 4, 60, 0.02, key="small")
+        with pytest.raises(TaskMemoryLimitExceeded, match="process-limit"):
+            big.result(timeout=60)
+        assert small.result(timeout=60) == 240
+        events = guard_events(client)
+        failed = [e for e in events if e["action"] == "process-limit"]
+        assert [e["key"] for e in failed] == ["big"]
+        assert failed[0]["shared"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--memory-task-limit", "lots"), ("--memory-process-limit", "1.5")],
+)
+def test_bad_cli_values_exit_2_naming_the_option(flag, value):
+    result = subprocess.run(
+        [
+            *dask_command(),
+            "worker",
+            f"tcp://{LOOPBACK}:1",
+            "--host",
+            LOOPBACK,
+            "--preload",
+            "catalog.memory",
+            flag,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    error = [line for line in result.stderr.splitlines() if "Error:" in line]
+    assert error and flag in result.stderr, result.stderr
+    assert value in result.stderr
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
