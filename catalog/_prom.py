@@ -9,7 +9,13 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["Families", "families_for", "register_process_collector"]
+__all__ = [
+    "Families",
+    "add_collector",
+    "families_for",
+    "register_process_collector",
+    "remove_collector",
+]
 
 OTHER = "other"
 
@@ -89,7 +95,12 @@ class Families:
 
     def collect(self) -> Iterator[Metric]:
         for metric in list(self._metrics.values()):
-            yield from metric.collect()
+            for family in metric.collect():
+                # `_created` samples add a series per child that PromQL never uses.
+                family.samples = [
+                    s for s in family.samples if not s.name.endswith("_created")
+                ]
+                yield family
         for collector in self.extra_collectors:
             yield from collector.collect()
 
@@ -137,17 +148,48 @@ def detach(server: Any) -> None:
         _SERVERS.pop(id(server), None)
 
 
+#: Scrape-time collectors other entries keep per server, whatever the order in
+#: which they and the metrics entry set up: served while metrics is active there.
+_SCRAPE_TIME: dict[int, tuple[Any, list[Any]]] = {}
+
+
+def add_collector(server: Any, collector: Any) -> None:
+    """Serve ``collector.collect(families)`` whenever metrics is active on ``server``.
+
+    ``families`` is that server's :class:`Families` (namespace and labels).
+    """
+    with _SERVERS_LOCK:
+        _SCRAPE_TIME.setdefault(id(server), (server, []))[1].append(collector)
+
+
+def remove_collector(server: Any, collector: Any) -> None:
+    with _SERVERS_LOCK:
+        found = _SCRAPE_TIME.get(id(server))
+        if found is not None and collector in found[1]:
+            found[1].remove(collector)
+            if not found[1]:
+                del _SCRAPE_TIME[id(server)]
+
+
 def families_for(server: Any) -> Families | None:
     """The families of ``server`` when the metrics entry is active on it."""
     found = _SERVERS.get(id(server))
     return found[1] if found is not None and found[0] is server else None
 
 
-def collect_all(families: Sequence[Families]) -> Iterator[Metric]:
+def _server_metrics(server: Any, fam: Families) -> Iterator[Metric]:
+    yield from fam.collect()
+    found = _SCRAPE_TIME.get(id(server))
+    if found is not None and found[0] is server:
+        for collector in list(found[1]):
+            yield from collector.collect(fam)
+
+
+def collect_all(servers: Sequence[tuple[Any, Families]]) -> Iterator[Metric]:
     """Merge same-named families of several servers into one family each."""
     merged: dict[str, Metric] = {}
-    for fam in families:
-        for metric in fam.collect():
+    for server, fam in servers:
+        for metric in _server_metrics(server, fam):
             have = merged.get(metric.name)
             if have is None:
                 merged[metric.name] = metric
@@ -166,7 +208,9 @@ class ProcessCollector:
         with _SERVERS_LOCK:
             servers = list(_SERVERS.values())
         chosen = [
-            fam for server, fam in servers if self.only is None or server is self.only
+            (server, fam)
+            for server, fam in servers
+            if self.only is None or server is self.only
         ]
         yield from collect_all(chosen)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import json
@@ -26,7 +25,7 @@ from catalog._entry import (
     entry_preload,
 )
 from catalog._options import Choice, Duration, Integer, Text
-from catalog._prom import families_for
+from catalog._prom import add_collector, remove_collector
 from catalog._runtime import JsonLinesFile, json_line, safe_filename
 
 __all__ = [
@@ -150,17 +149,13 @@ class _Recorder:
             self._file.write(self._header())
             self._file.open()
             self._file.flush()  # the header line: the file names its server at once
-        fam = families_for(server)
-        if fam is not None:
-            self._collector = _Collector(self, fam)
-            fam.extra_collectors.append(self._collector)
+        self._collector = _Collector(self)
+        add_collector(server, self._collector)
 
     def _stop_recording(self, server: Any) -> None:
         collector = getattr(self, "_collector", None)
         if collector is not None:
-            fam = collector.families
-            with contextlib.suppress(ValueError):
-                fam.extra_collectors.remove(collector)
+            remove_collector(server, collector)
             self._collector = None
         file = getattr(self, "_file", None)
         if file is not None:
@@ -286,14 +281,12 @@ class _TraceFile(JsonLinesFile):
 class _Collector:
     """Scrape-time gauges of one tracer, served through the metrics entry."""
 
-    def __init__(self, recorder: _Recorder, families: Any) -> None:
+    def __init__(self, recorder: _Recorder) -> None:
         self.recorder = recorder
-        self.families = families
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self, fam: Any) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        fam = self.families
         names, values = list(fam.labels), list(fam.labels.values())
         ns = fam.namespace
         rec = self.recorder

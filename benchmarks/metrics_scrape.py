@@ -1,0 +1,145 @@
+"""Overhead of catalog.metrics: task throughput with and without it, and scrape time.
+
+Run by hand (not in CI)::
+
+    python benchmarks/metrics_scrape.py --tasks 2000 --repeats 9 --prefixes 200
+
+Throughput: one in-process cluster; each repeat runs the same batch of tiny tasks
+bare and with the entry on (both halves), in alternating order, and the ratio
+(with / bare) of each pair is taken; the median ratio is reported (target >= 0.97).
+Scrape: a worker that has seen ``--prefixes`` distinct prefixes, timed through the
+registry the worker's /metrics serves (median of ``--scrapes`` scrapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from distributed import Client, LocalCluster
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+
+import catalog
+from catalog import _prom
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def run_batch(client: Client, tasks: int) -> float:
+    """Tasks per second of one batch of independent tiny tasks."""
+    start = time.perf_counter()
+    futures = client.map(inc, range(tasks), pure=False)
+    client.gather(futures)
+    elapsed = time.perf_counter() - start
+    del futures
+    return tasks / elapsed
+
+
+def set_metrics(client: Client, on: bool) -> None:
+    if on:
+        client.register_plugin(catalog.SchedulerMetrics())
+        client.register_plugin(catalog.Metrics())
+    else:
+        client.unregister_worker_plugin(catalog.Metrics.name)
+        client.unregister_scheduler_plugin(catalog.SchedulerMetrics.name)
+
+
+def throughput(client: Client, tasks: int, repeats: int) -> dict:
+    run_batch(client, tasks)  # warm up imports, pools and caches
+    bare, metrics, ratios = [], [], []
+    for i in range(repeats):
+        # Alternate which side goes first, so drift favours neither.
+        order = (False, True) if i % 2 == 0 else (True, False)
+        rates = {}
+        for on in order:
+            if on:
+                set_metrics(client, True)
+            rates[on] = run_batch(client, tasks)
+            if on:
+                set_metrics(client, False)
+        bare.append(rates[False])
+        metrics.append(rates[True])
+        ratios.append(rates[True] / rates[False])
+    return {
+        "tasks_per_batch": tasks,
+        "repeats": repeats,
+        "bare_tasks_per_s_median": round(statistics.median(bare), 1),
+        "metrics_tasks_per_s_median": round(statistics.median(metrics), 1),
+        "ratio_median": round(statistics.median(ratios), 4),
+        "ratios": [round(r, 4) for r in ratios],
+    }
+
+
+def scrape(client: Client, prefixes: int, scrapes: int) -> dict:
+    set_metrics(client, True)
+    futures = [
+        client.submit(inc, j, key=f"prefix{i:03d}-{j}")
+        for i in range(prefixes)
+        for j in range(2)
+    ]
+    client.gather(futures)
+
+    def timed(registry: CollectorRegistry) -> tuple[float, int]:
+        times, size = [], 0
+        for _ in range(scrapes):
+            start = time.perf_counter()
+            size = len(generate_latest(registry))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), size
+
+    worker = next(iter(client.cluster.workers.values()))
+    plugin = worker.plugins[catalog.Metrics.name]
+    keys = [f"synthetic-{i}" for i in range(20_000)]
+    start = time.perf_counter()
+    for key in keys:  # the worker hook's cost per task: start and finish
+        plugin.transition(key, "ready", "executing")
+        plugin.transition(key, "executing", "memory")
+    hot_path_us = (time.perf_counter() - start) / len(keys) * 1e6
+    only = CollectorRegistry(auto_describe=False)
+    only.register(_prom.ProcessCollector(only=worker))
+    ours_s, ours_bytes = timed(only)
+    full_s, full_bytes = timed(REGISTRY)
+    set_metrics(client, False)
+    return {
+        "worker_hot_path_us_per_task": round(hot_path_us, 2),
+        "prefixes": prefixes,
+        "scrapes": scrapes,
+        "catalog_families_one_worker_ms": round(ours_s * 1000, 2),
+        "catalog_families_one_worker_bytes": ours_bytes,
+        "whole_process_registry_ms": round(full_s * 1000, 2),
+        "whole_process_registry_bytes": full_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--prefixes", type=int, default=200)
+    parser.add_argument("--scrapes", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    with (
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=False,
+            protocol="tcp://",
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        result = {
+            "throughput": throughput(client, args.tasks, args.repeats),
+            "scrape": scrape(client, args.prefixes, args.scrapes),
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

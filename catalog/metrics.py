@@ -1,0 +1,566 @@
+"""Prometheus histograms and counters per task prefix, on /metrics, by pull or push."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from dask.utils import key_split
+from prometheus_client import CollectorRegistry, push_to_gateway, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from catalog import _prom
+from catalog._entry import (
+    Entry,
+    Option,
+    SchedulerEntryPlugin,
+    WorkerEntryPlugin,
+    address_of,
+    entry_preload,
+)
+from catalog._options import Duration, FloatList, Integer, Text
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "ENTRY",
+    "OUTPUT_BUCKETS",
+    "Metrics",
+    "SchedulerMetrics",
+    "dask_setup",
+    "dask_teardown",
+]
+
+logger = logging.getLogger("catalog.metrics")
+
+#: A log-spaced ladder from 1 ms to 1 h (seconds).
+DEFAULT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 150.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+
+#: Buckets of ``task_output_bytes``: powers of 8 from 1 KiB to 16 GiB.
+OUTPUT_BUCKETS = tuple(float(2**n) for n in range(10, 35, 3))
+
+#: Distinct ``exception`` label values before ``"other"``.
+MAX_EXCEPTIONS = 100
+
+#: Worker states in which a task's code is still running in a thread.
+_RUNNING = frozenset({"executing", "long-running", "cancelled", "resumed"})
+
+#: Scheduler states of a task that is ready to run (its inputs are in memory).
+_READY = frozenset({"processing", "queued", "no-worker"})
+
+_EXCEPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+PUSH_TIMEOUT = 10.0
+
+
+class MetricName(Text):
+    """A Prometheus metric name prefix."""
+
+    name = "metric-name"
+
+    def __init__(self) -> None:
+        super().__init__('a Prometheus name such as "dask_catalog"', nullable=False)
+
+    def parse(self, value: Any) -> str:
+        text = super().parse(value)
+        if not re.fullmatch(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+            raise ValueError(
+                "letters, digits, '_' and ':' only, not starting with a digit"
+            )
+        return text
+
+
+class Port(Integer):
+    """A TCP port; 0 picks a free one."""
+
+    name = "port"
+
+    def __init__(self) -> None:
+        super().__init__(0, nullable=True)
+        self.accepted = "a TCP port from 0 to 65535 (0 picks a free port)"
+
+    def parse(self, value: Any) -> int:
+        port = super().parse(value)
+        if port > 65535:
+            raise ValueError("must be <= 65535")
+        return port
+
+
+class Url(Text):
+    """An http(s) URL."""
+
+    name = "url"
+
+    def __init__(self) -> None:
+        super().__init__('an http(s) URL such as "http://pushgateway:9091"')
+
+    def parse(self, value: Any) -> str:
+        text = super().parse(value)
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL with a host")
+        return text
+
+
+ENTRY = Entry(
+    name="metrics",
+    summary=(
+        "Prometheus histograms and counters per task prefix on the existing /metrics, "
+        "by pull or push"
+    ),
+    runs_on={
+        "worker": "per-prefix task duration, outcome, output size, compute time, "
+        "executing tasks and the memory limit on the worker's /metrics",
+        "scheduler": "per-prefix task wait time and outcomes on the scheduler's "
+        "/metrics",
+        "nanny": "nothing (the nanny serves no /metrics; preload on the worker)",
+        "client": "installs the worker and scheduler halves on the whole cluster",
+    },
+    options=[
+        Option(
+            "namespace",
+            MetricName(),
+            "dask_catalog",
+            "Prefix of every metric family name.",
+        ),
+        Option(
+            "buckets",
+            FloatList(),
+            list(DEFAULT_BUCKETS),
+            "Histogram buckets in seconds for task durations and wait times.",
+        ),
+        Option(
+            "max-prefixes",
+            Integer(1),
+            200,
+            "Distinct task prefixes per server before the rest are reported as "
+            'prefix="other".',
+        ),
+        Option(
+            "port",
+            Port(),
+            None,
+            "Also serve this server's catalog families on a standalone HTTP server "
+            "on this port (0 picks a free one), e.g. for --no-dashboard workers.",
+        ),
+        Option(
+            "host",
+            Text("a host name or IP address to bind", nullable=False),
+            "127.0.0.1",
+            "Address the standalone port binds to; 0.0.0.0 exposes it on every "
+            "interface.",
+        ),
+        Option(
+            "pushgateway",
+            Url(),
+            None,
+            "URL of a Prometheus Pushgateway to push this server's metrics to.",
+        ),
+        Option(
+            "push-interval",
+            Duration(),
+            "15s",
+            "Time between pushes to the Pushgateway (a final push happens at "
+            "teardown).",
+        ),
+    ],
+    examples=[
+        "dask worker tcp://scheduler:8786 --preload catalog.metrics",
+        "dask worker tcp://scheduler:8786 --no-dashboard --preload catalog.metrics "
+        "--metrics-port 9100 --metrics-host 0.0.0.0",
+        "dask scheduler --preload catalog.metrics --metrics-max-prefixes 50",
+    ],
+)
+
+
+class _Exporter:
+    """The standalone HTTP server and the Pushgateway pusher of one server."""
+
+    def __init__(self, plugin: Any, server: Any) -> None:
+        self.plugin = plugin
+        self.settings = plugin.settings
+        self.instance = address_of(server)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_prom.ProcessCollector(only=server))
+        self.httpd: Any = None
+        self.http_thread: threading.Thread | None = None
+        self.url: str | None = None
+        self.pusher: threading.Thread | None = None
+        self.stop_pushing = threading.Event()
+        self.pushes = 0
+        self.last_push: float | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        if s.port is not None:
+            try:
+                self.httpd, self.http_thread = start_http_server(
+                    s.port, addr=s.host, registry=self.registry
+                )
+            except OSError as exc:
+                msg = (
+                    f"cannot serve metrics on {s.host}:{s.port} (--metrics-port): {exc}"
+                )
+                raise OSError(msg) from exc
+            host, port = self.httpd.server_address[:2]
+            host = f"[{host}]" if ":" in host else host  # IPv6
+            self.url = f"http://{host}:{port}/metrics"
+            logger.info("serving metrics of %s on %s", self.instance, self.url)
+        if s.pushgateway is not None:
+            self.pusher = threading.Thread(
+                target=self._push_loop,
+                name=f"catalog.metrics pusher {self.instance}",
+                daemon=True,
+            )
+            self.pusher.start()
+
+    def push(self) -> None:
+        try:
+            push_to_gateway(
+                self.settings.pushgateway,
+                job="dask",
+                registry=self.registry,
+                grouping_key={"instance": self.instance},
+                timeout=PUSH_TIMEOUT,
+            )
+        except Exception as exc:
+            self.plugin.report_error(f"push to {self.settings.pushgateway}", exc)
+        else:
+            self.pushes += 1
+            self.last_push = time.time()
+
+    def _push_loop(self) -> None:
+        self.push()
+        while not self.stop_pushing.wait(self.settings.push_interval):
+            self.push()
+        self.push()  # the final push, so that a batch job's last numbers stay
+
+    def stop(self) -> None:
+        if self.pusher is not None:
+            self.stop_pushing.set()
+            self.pusher.join(2 * PUSH_TIMEOUT + 1)
+            self.pusher = None
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+            if self.http_thread is not None:
+                self.http_thread.join(5)
+
+
+class _MetricsBase:
+    """What the worker and scheduler halves share: families, port, pusher."""
+
+    settings: Any
+    fam: _prom.Families | None
+    exporter: _Exporter | None
+
+    def _start_families(self, server: Any, labels: dict[str, str]) -> _prom.Families:
+        s = self.settings
+        self.fam = _prom.Families(s.namespace, labels, s.max_prefixes)
+        _prom.attach(server, self.fam)
+        _prom.register_process_collector()
+        return self.fam
+
+    def _start_export(self, server: Any) -> None:
+        # Last in setup: the first push must already see every family.
+        self.exporter = _Exporter(self, server)
+        self.exporter.start()
+
+    def _stop_families(self, server: Any) -> None:
+        # The final push needs the families still attached: stop exporting first.
+        exporter = getattr(self, "exporter", None)
+        if exporter is not None:
+            self.exporter = None
+            exporter.stop()
+        if _prom.families_for(server) is getattr(self, "fam", None):
+            _prom.detach(server)
+        self.fam = None
+
+    def _export_status(self) -> dict[str, Any]:
+        exporter = getattr(self, "exporter", None)
+        if exporter is None:
+            return {"url": None, "pushes": 0, "last_push": None}
+        return {
+            "url": exporter.url,
+            "pushes": exporter.pushes,
+            "last_push": exporter.last_push,
+        }
+
+
+class Metrics(_MetricsBase, WorkerEntryPlugin):
+    """Per-prefix task metrics of a worker, for Prometheus.
+
+    Every series carries the label ``worker`` (the worker's address), so several
+    workers in one process never collide. The families appear on the worker's
+    dashboard ``/metrics``; ``port`` adds a standalone HTTP server and
+    ``pushgateway`` pushes them.
+
+    Args:
+        namespace: prefix of the family names (``dask_catalog``).
+        buckets: histogram buckets in seconds.
+        max_prefixes: distinct prefixes before ``prefix="other"``.
+        port: serve this worker's families on this port too (0: a free one).
+        host: where ``port`` binds (``127.0.0.1``).
+        pushgateway: URL of a Prometheus Pushgateway.
+        push_interval: seconds between pushes (``"15s"``).
+
+    Example:
+        >>> from distributed import Client, LocalCluster
+        >>> import catalog
+        >>> with LocalCluster(n_workers=1, processes=False, host="127.0.0.1",
+        ...                   dashboard_address="127.0.0.1:0") as cluster, \\
+        ...         Client(cluster) as client:  # doctest: +SKIP
+        ...     client.register_plugin(catalog.Metrics(max_prefixes=50))
+    """
+
+    entry = ENTRY
+
+    def on_setup(self, worker: Any) -> None:
+        s = self.settings
+        self.worker = worker
+        self._tasks = worker.state.tasks
+        self._lock = threading.Lock()
+        self._running: dict[Any, tuple[str, float]] = {}
+        self._compute_done: dict[str, float] = {}
+        self._compute_seen: dict[str, float] = {}
+        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._exceptions: set[str] = set()
+        fam = self._start_families(worker, {"worker": worker.address})
+        self._prefix = fam.prefix
+        self._duration = fam.histogram(
+            "task_duration_seconds",
+            "Execution time of finished tasks.",
+            ["prefix"],
+            buckets=s.buckets,
+        )
+        self._outcomes = fam.counter(
+            "tasks",
+            "Tasks finished, by outcome (success or error).",
+            ["prefix", "outcome"],
+        )
+        self._errors = fam.counter(
+            "task_errors",
+            "Tasks that raised, by exception type.",
+            ["prefix", "exception"],
+        )
+        self._output = fam.histogram(
+            "task_output_bytes",
+            "Size of each task's result.",
+            ["prefix"],
+            buckets=OUTPUT_BUCKETS,
+        )
+        fam.extra_collectors.append(_WorkerCollector(self))
+        self._start_export(worker)
+
+    def on_teardown(self, worker: Any) -> None:
+        self._stop_families(worker)
+
+    def _children_of(self, label: str) -> tuple[Any, Any, Any, Any]:
+        children = self._children.get(label)
+        if children is None:
+            children = self._children[label] = (
+                self._duration.labels(label),
+                self._outcomes.labels(label, "success"),
+                self._outcomes.labels(label, "error"),
+                self._output.labels(label),
+            )
+        return children
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if finish == "executing":
+            if key not in self._running:
+                ts = self._tasks.get(key)
+                label = self._prefix(ts.prefix if ts is not None else key_split(key))
+                with self._lock:
+                    self._running[key] = (label, time.monotonic())
+            return
+        if finish in _RUNNING or key not in self._running:
+            return
+        with self._lock:
+            label, began = self._running.pop(key)
+            elapsed = time.monotonic() - began
+            self._compute_done[label] = self._compute_done.get(label, 0.0) + elapsed
+        if finish == "memory":
+            duration, success, _, output = self._children_of(label)
+            ts = self._tasks.get(key)
+            duration.observe(_compute_time(ts, elapsed))
+            success.inc()
+            if ts is not None and ts.nbytes is not None:
+                output.observe(ts.nbytes)
+        elif finish == "error":
+            duration, _, error, _ = self._children_of(label)
+            ts = self._tasks.get(key)
+            duration.observe(_compute_time(ts, elapsed))
+            error.inc()
+            self._errors.labels(label, self._exception_label(ts)).inc()
+
+    def _exception_label(self, ts: Any) -> str:
+        text = getattr(ts, "exception_text", "") or ""
+        found = _EXCEPTION_NAME.match(text)
+        name = found.group(0).rsplit(".", 1)[-1] if found else "Exception"
+        if name not in self._exceptions:
+            if len(self._exceptions) >= MAX_EXCEPTIONS:
+                return _prom.OTHER
+            self._exceptions.add(name)
+        return name
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), **self._export_status()}
+
+
+def _compute_time(ts: Any, fallback: float) -> float:
+    """The worker's own measure of the compute (no event-loop latency)."""
+    if ts is not None:
+        for startstop in reversed(ts.startstops):
+            if startstop["action"] == "compute":
+                return max(0.0, startstop["stop"] - startstop["start"])
+    return fallback
+
+
+class _WorkerCollector:
+    """Scrape-time values: compute seconds, executing tasks, memory limit."""
+
+    def __init__(self, plugin: Metrics) -> None:
+        self.plugin = plugin
+        ns = plugin.settings.namespace
+        self.compute_name = f"{ns}_task_compute_seconds"
+        self.executing_name = f"{ns}_tasks_executing"
+        self.limit_name = f"{ns}_worker_memory_limit_bytes"
+        self.address = plugin.worker.address
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.plugin
+        now = time.monotonic()
+        with p._lock:
+            totals = dict(p._compute_done)
+            executing: dict[str, int] = {}
+            for label, began in p._running.values():
+                totals[label] = totals.get(label, 0.0) + (now - began)
+                executing[label] = executing.get(label, 0) + 1
+            # A cancelled task's time moves from running to done: never let a
+            # counter step back between two scrapes.
+            seen = p._compute_seen
+            for label, value in totals.items():
+                if value < seen.get(label, 0.0):
+                    totals[label] = seen[label]
+                else:
+                    seen[label] = value
+        compute = CounterMetricFamily(
+            self.compute_name,
+            "Compute time of tasks, including the time so far of tasks still running.",
+            labels=["worker", "prefix"],
+        )
+        for label, value in totals.items():
+            compute.add_metric([self.address, label], value)
+        yield compute
+        gauge = GaugeMetricFamily(
+            self.executing_name, "Tasks executing now.", labels=["worker", "prefix"]
+        )
+        for label in totals:
+            gauge.add_metric([self.address, label], executing.get(label, 0))
+        yield gauge
+        limit = GaugeMetricFamily(
+            self.limit_name,
+            "The worker's memory limit (absent when the worker has none).",
+            labels=["worker"],
+        )
+        memory_limit = getattr(p.worker.memory_manager, "memory_limit", None)
+        if memory_limit:
+            limit.add_metric([self.address], memory_limit)
+        yield limit
+
+
+class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
+    """Per-prefix task wait times and outcomes on the scheduler, for Prometheus.
+
+    The wait time runs from the moment a task is ready to run (all its inputs in
+    memory) to the moment its computation starts on a worker, in the scheduler's
+    clock (the worker's start time is corrected by the worker's clock offset).
+
+    Args:
+        namespace: prefix of the family names (``dask_catalog``).
+        buckets: histogram buckets in seconds.
+        max_prefixes: distinct prefixes before ``prefix="other"``.
+        port: serve the scheduler's families on this port too (0: a free one).
+        host: where ``port`` binds (``127.0.0.1``).
+        pushgateway: URL of a Prometheus Pushgateway.
+        push_interval: seconds between pushes (``"15s"``).
+
+    Example:
+        >>> client.register_plugin(catalog.SchedulerMetrics())  # doctest: +SKIP
+    """
+
+    entry = ENTRY
+
+    def on_setup(self, scheduler: Any) -> None:
+        s = self.settings
+        self._tasks = scheduler.tasks
+        self._workers = scheduler.workers
+        self._ready: dict[Any, float] = {}
+        self._children: dict[str, tuple[Any, Any, Any]] = {}
+        fam = self._start_families(scheduler, {})
+        self._prefix = fam.prefix
+        self._wait = fam.histogram(
+            "scheduler_task_wait_seconds",
+            "Time from a task being ready on the scheduler to its computation "
+            "starting on a worker.",
+            ["prefix"],
+            buckets=s.buckets,
+        )
+        self._outcomes = fam.counter(
+            "scheduler_tasks",
+            "Tasks finished on the scheduler, by outcome (success or error).",
+            ["prefix", "outcome"],
+        )
+        self._start_export(scheduler)
+
+    def on_teardown(self, scheduler: Any) -> None:
+        self._stop_families(scheduler)
+        self._ready = {}
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if finish in _READY:
+            if key not in self._ready:
+                self._ready[key] = time.time()
+            return
+        ready = self._ready.pop(key, None)
+        if start != "processing" or (finish != "memory" and finish != "erred"):
+            return
+        ts = self._tasks.get(key)
+        label = self._prefix(ts.prefix.name if ts is not None else key_split(key))
+        children = self._children.get(label)
+        if children is None:
+            children = self._children[label] = (
+                self._outcomes.labels(label, "success"),
+                self._outcomes.labels(label, "error"),
+                self._wait.labels(label),
+            )
+        children[0 if finish == "memory" else 1].inc()
+        if ready is None:
+            return
+        for startstop in kwargs.get("startstops") or ():
+            if startstop["action"] == "compute":
+                ws = self._workers.get(kwargs.get("worker"))
+                offset = ws.time_delay if ws is not None else 0.0
+                wait = startstop["start"] + offset - ready
+                children[2].observe(max(0.0, wait))
+                break
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), **self._export_status()}
+
+
+dask_setup, dask_teardown = entry_preload(
+    ENTRY, worker=Metrics, scheduler=SchedulerMetrics
+)
