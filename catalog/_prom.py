@@ -43,6 +43,7 @@ class Families:
         self.max_prefixes = max_prefixes
         self._prefixes: set[str] = set()
         self._metrics: dict[str, Any] = {}
+        self._bounds: dict[str, _Bound] = {}
         self._lock = threading.Lock()
         self.extra_collectors: list[Any] = []
 
@@ -74,12 +75,21 @@ class Families:
                     self._metrics[name] = metric
         return metric
 
+    def _bound(self, kind: type, name: str, *args: Any, **kwargs: Any) -> Any:
+        # Entries ask for a family at each event: hand back the same bound
+        # wrapper, whose child cache makes the next `.labels()` a dict lookup.
+        bound = self._bounds.get(name)
+        if bound is None:
+            metric = self._get(kind, name, *args, **kwargs)
+            bound = self._bounds[name] = _Bound(metric, self.labels)
+        return bound
+
     def counter(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> Counter:
         """A counter (``name`` without ``_total``), bound to this server's labels."""
-        return _Bound(self._get(Counter, name, doc, labelnames), self.labels)
+        return self._bound(Counter, name, doc, labelnames)
 
     def gauge(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> Gauge:
-        return _Bound(self._get(Gauge, name, doc, labelnames), self.labels)
+        return self._bound(Gauge, name, doc, labelnames)
 
     def histogram(
         self,
@@ -89,9 +99,7 @@ class Families:
         buckets: Sequence[float] = (),
     ) -> Histogram:
         kwargs = {"buckets": tuple(buckets)} if buckets else {}
-        return _Bound(
-            self._get(Histogram, name, doc, labelnames, **kwargs), self.labels
-        )
+        return self._bound(Histogram, name, doc, labelnames, **kwargs)
 
     def collect(self) -> Iterator[Metric]:
         for metric in list(self._metrics.values()):
