@@ -1,0 +1,425 @@
+"""Find stuck tasks, show where they are stuck, and time them out."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from dask.utils import format_time, key_split
+
+from catalog import _runtime
+from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload, now
+from catalog._options import Duration, Integer
+from catalog._prom import families_for
+from catalog._runtime import (
+    TaskInterrupt,
+    cancel_undelivered,
+    interrupt_task,
+    log_worker_event,
+)
+
+__all__ = [
+    "ANNOTATION",
+    "ENTRY",
+    "EVENT_TOPIC",
+    "TaskTimeoutError",
+    "Watchdog",
+    "dask_setup",
+    "dask_teardown",
+    "running",
+]
+
+logger = logging.getLogger("catalog.watchdog")
+
+#: The task annotation that sets ``fail-after`` for some tasks.
+ANNOTATION = "catalog_timeout"
+
+#: The topic of the worker events (``worker.log_event``).
+EVENT_TOPIC = "catalog.watchdog"
+
+#: Worker task states in which a task still occupies a thread.
+RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
+
+ENTRY = Entry(
+    name="watchdog",
+    summary="find stuck tasks, show where they are stuck, and time them out",
+    runs_on={
+        "worker": "checks the worker's running tasks every interval",
+        "scheduler": "nothing (one INFO line)",
+        "nanny": "nothing (one INFO line)",
+        "client": "registers the Watchdog on every worker",
+    },
+    options=[
+        Option(
+            "warn-after",
+            Duration(nullable=True),
+            "5m",
+            "Log a WARNING with the stack of a task running longer than this, "
+            "repeated at most once per this period.",
+        ),
+        Option(
+            "fail-after",
+            Duration(nullable=True),
+            None,
+            "Fail a task running longer than this with TaskTimeoutError; "
+            f"a task's annotation {ANNOTATION} overrides it.",
+        ),
+        Option(
+            "interval",
+            Duration(),
+            "1s",
+            "How often the running tasks are checked.",
+        ),
+        Option(
+            "stack-depth",
+            Integer(1),
+            8,
+            "How many innermost frames of a task's stack are shown.",
+        ),
+    ],
+    examples=(
+        "dask worker tcp://127.0.0.1:8786 --preload catalog.watchdog "
+        "--watchdog-warn-after 1m --watchdog-fail-after 30m",
+    ),
+)
+
+_TIMEOUT_TYPE = Duration(nullable=True)
+
+
+class TaskTimeoutError(TaskInterrupt, TimeoutError):
+    """Raised inside a task that ran longer than its ``fail-after``.
+
+    The client sees it as the task's exception; ``retries=`` apply as usual.
+    """
+
+
+@dataclass
+class _Running:
+    """What the watchdog knows about one running task."""
+
+    start: float
+    fail_after: float | None
+    warned_at: float | None = None
+    fired_at: float | None = None
+    fired_thread: int | None = None
+
+
+def _task_frames(frame: Any, depth: int) -> list[dict[str, Any]]:
+    """The innermost ``depth`` frames of a task, outermost first, as plain dicts.
+
+    Frames from distributed's own task runner outward are left out: the reader
+    wants the user's code.
+    """
+    frames = []
+    for f, lineno in traceback.walk_stack(frame):
+        if f.f_code is _runtime._RUN_TASK_CODE:
+            break
+        frames.append((f, lineno))
+    summary = traceback.StackSummary.extract(iter(frames), limit=depth)
+    out = [
+        {"filename": fs.filename, "lineno": fs.lineno, "name": fs.name, "line": fs.line}
+        for fs in summary
+    ]
+    out.reverse()
+    return out
+
+
+def _stack_of(thread_id: int, depth: int) -> list[dict[str, Any]]:
+    frame = sys._current_frames().get(thread_id)
+    return [] if frame is None else _task_frames(frame, depth)
+
+
+def format_stack(stack: list[dict[str, Any]]) -> str:
+    """A stack from an event or :func:`running` as traceback-style text."""
+    if not stack:
+        return "  (no Python frames)"
+    lines = []
+    for fs in stack:
+        lines.append(f'  File "{fs["filename"]}", line {fs["lineno"]}, in {fs["name"]}')
+        if fs.get("line"):
+            lines.append(f"    {fs['line']}")
+    return "\n".join(lines)
+
+
+class Watchdog(WorkerEntryPlugin):
+    """Warn about tasks that run too long, with their stack, and time them out.
+
+    A daemon thread wakes every ``interval``. A task running longer than
+    ``warn_after`` gets a WARNING (and a worker event) naming its key, prefix,
+    elapsed time and the innermost frames of the thread running it; a task
+    running longer than ``fail_after`` (or its ``catalog_timeout`` annotation)
+    gets :class:`TaskTimeoutError` raised in its thread.
+
+    Example:
+        >>> import catalog
+        >>> watchdog = catalog.Watchdog(warn_after="1m", fail_after="1h")
+        >>> watchdog.settings.fail_after
+        3600.0
+        >>> # client.register_plugin(watchdog)
+    """
+
+    entry = ENTRY
+
+    def on_setup(self, worker: Any) -> None:
+        self.worker = worker
+        self._tasks: dict[Any, _Running] = {}
+        self._timeouts: dict[Any, float | None] = {}
+        self.warnings = 0
+        self.timeouts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name="catalog-watchdog", daemon=True
+        )
+        self._thread.start()
+
+    def on_teardown(self, worker: Any) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._thread = None
+        tasks = getattr(self, "_tasks", None)
+        if tasks is not None:
+            tasks.clear()
+
+    # -- hot path: on the event loop --------------------------------------------
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if finish == "executing":
+            self._tasks[key] = _Running(now(), self._fail_after_of(key))
+        elif finish == "long-running":
+            if key not in self._tasks:
+                self._tasks[key] = _Running(now(), self._fail_after_of(key))
+        elif finish not in RUNNING_STATES:
+            record = self._tasks.pop(key, None)
+            if record is not None and record.fired_thread is not None:
+                # A fired task that finished by itself (inside C code) must not
+                # pass its undelivered exception on to the thread's next task.
+                cancel_undelivered(self.worker, record.fired_thread)
+
+    def _fail_after_of(self, key: Any) -> float | None:
+        ts = self.worker.state.tasks.get(key)
+        annotations = ts.annotations if ts is not None else None
+        if not annotations or ANNOTATION not in annotations:
+            return self.settings.fail_after
+        raw = annotations[ANNOTATION]
+        try:
+            return self._timeouts[raw]
+        except (KeyError, TypeError):
+            pass
+        try:
+            parsed = _TIMEOUT_TYPE.convert(raw, None, None)
+        except Exception as exc:
+            self.report_error(f"annotation {ANNOTATION}={raw!r} of {key!r}", exc)
+            parsed = self.settings.fail_after
+        try:
+            self._timeouts[raw] = parsed
+        except TypeError:
+            pass
+        return parsed
+
+    # -- the checker thread -------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.interval):
+            try:
+                self.check()
+            except Exception as exc:
+                self.report_error("checking running tasks", exc)
+
+    def check(self) -> None:
+        """Look at every running task once (the checker thread calls this)."""
+        worker = self.worker
+        if not worker.active_threads:
+            return
+        with worker.active_threads_lock:
+            active = dict(worker.active_threads)
+        tasks = worker.state.tasks
+        current = now()
+        warn_after = self.settings.warn_after
+        for thread_id, key in active.items():
+            ts = tasks.get(key)
+            if ts is None or ts.state not in RUNNING_STATES:
+                continue  # an actor call, or a thread that is just leaving
+            record = self._tasks.get(key)
+            if record is None:  # set up while the task was already running
+                start = ts.start_time or current
+                record = self._tasks.setdefault(
+                    key, _Running(start, self._fail_after_of(key))
+                )
+            elapsed = current - record.start
+            fail_after = record.fail_after
+            if (
+                fail_after is not None
+                and record.fired_at is None
+                and elapsed >= fail_after
+            ):
+                self._time_out(thread_id, key, record, elapsed, ts.state)
+            elif (
+                warn_after is not None
+                and elapsed >= warn_after
+                and (
+                    record.warned_at is None or current - record.warned_at >= warn_after
+                )
+            ):
+                record.warned_at = current
+                self._warn(thread_id, key, record, elapsed, ts.state)
+        for key in [k for k in list(self._tasks) if k not in tasks]:
+            self._tasks.pop(key, None)  # forgotten without a transition we saw
+
+    def _describe(
+        self, thread_id: int, key: Any, record: _Running, elapsed: float
+    ) -> dict:
+        return {
+            "key": str(key),
+            "prefix": key_split(key),
+            "worker": str(self.worker.address),
+            "thread": thread_id,
+            "elapsed": round(elapsed, 3),
+            "warn_after": self.settings.warn_after,
+            "fail_after": record.fail_after,
+            "stack": _stack_of(thread_id, self.settings.stack_depth),
+        }
+
+    def _time_out(
+        self, thread_id: int, key: Any, record: _Running, elapsed: float, state: str
+    ) -> None:
+        assert record.fail_after is not None
+        message = (
+            f"task {str(key)!r} ran longer than {format_time(record.fail_after)} "
+            f"(catalog.watchdog fail-after) on worker {self.worker.address}"
+        )
+        info = self._describe(thread_id, key, record, elapsed)
+        if not interrupt_task(self.worker, thread_id, key, TaskTimeoutError, message):
+            return  # not inside the task's own call right now: try again next time
+        record.fired_at = now()
+        record.fired_thread = thread_id
+        self.timeouts += 1
+        logger.warning(
+            "Task %r (prefix %s, %s) on worker %s timed out after %s "
+            "(fail-after %s): raising TaskTimeoutError in thread %d, which is at:\n%s",
+            info["key"],
+            info["prefix"],
+            state,
+            info["worker"],
+            format_time(elapsed),
+            format_time(record.fail_after),
+            thread_id,
+            format_stack(info["stack"]),
+        )
+        self._emit(
+            "timeout", info, "watchdog_timeouts", "Tasks failed by the watchdog."
+        )
+
+    def _warn(
+        self, thread_id: int, key: Any, record: _Running, elapsed: float, state: str
+    ) -> None:
+        info = self._describe(thread_id, key, record, elapsed)
+        pending = record.fired_at is not None
+        info["timeout_pending"] = pending
+        if pending:
+            assert record.fired_at is not None
+            if thread_id in _runtime._PENDING:
+                why = (
+                    "the thread is blocked outside Python (C code or I/O) and "
+                    "gets it when that call returns"
+                )
+            else:
+                why = "the task caught it and goes on"
+            deadline = (
+                f"TaskTimeoutError pending for "
+                f"{format_time(now() - record.fired_at)}: {why}"
+            )
+        elif record.fail_after is not None:
+            deadline = (
+                f"fails at {format_time(record.fail_after)}, "
+                f"in {format_time(max(record.fail_after - elapsed, 0))}"
+            )
+        else:
+            deadline = "no fail-after"
+        self.warnings += 1
+        logger.warning(
+            "Task %r (prefix %s, %s) on worker %s has been running for %s "
+            "(warn-after %s; %s); thread %d is at:\n%s",
+            info["key"],
+            info["prefix"],
+            state,
+            info["worker"],
+            format_time(elapsed),
+            format_time(self.settings.warn_after),
+            deadline,
+            thread_id,
+            format_stack(info["stack"]),
+        )
+        self._emit("warning", info, "watchdog_warnings", "Slow-task warnings logged.")
+
+    def _emit(self, action: str, info: dict, counter: str, doc: str) -> None:
+        log_worker_event(self.worker, EVENT_TOPIC, {"action": action, **info})
+        fam = families_for(self.worker)
+        if fam is not None:
+            fam.counter(counter, doc, ["prefix"]).labels(
+                fam.prefix(info["prefix"])
+            ).inc()
+
+    def status(self) -> dict[str, Any]:
+        """The base status plus how many warnings and timeouts were issued."""
+        out = super().status()
+        out["warnings"] = getattr(self, "warnings", 0)
+        out["timeouts"] = getattr(self, "timeouts", 0)
+        return out
+
+
+def _running_on(dask_worker: Any) -> list[dict[str, Any]]:
+    """The tasks running on this worker (``client.run`` calls it on every worker)."""
+    plugin = dask_worker.plugins.get(ENTRY.plugin_name)
+    records = getattr(plugin, "_tasks", {}) if isinstance(plugin, Watchdog) else {}
+    depth = plugin.settings.stack_depth if isinstance(plugin, Watchdog) else 8
+    with dask_worker.active_threads_lock:
+        active = dict(dask_worker.active_threads)
+    current = now()
+    out = []
+    for thread_id, key in active.items():
+        ts = dask_worker.state.tasks.get(key)
+        if ts is None or ts.state not in RUNNING_STATES:
+            continue
+        record = records.get(key)
+        start = record.start if record is not None else (ts.start_time or current)
+        out.append(
+            {
+                "key": str(key),
+                "prefix": key_split(key),
+                "state": ts.state,
+                "thread": thread_id,
+                "elapsed": round(current - start, 3),
+                "fail_after": record.fail_after if record is not None else None,
+                "timed_out": record is not None and record.fired_at is not None,
+                "stack": _stack_of(thread_id, depth),
+            }
+        )
+    out.sort(key=lambda task: -task["elapsed"])
+    return out
+
+
+def running(client: Any) -> dict[str, list[dict[str, Any]]]:
+    """The tasks running right now on every worker: "what is my cluster doing?".
+
+    Works with or without the Watchdog installed; with it, elapsed times count
+    from the moment the task started executing and timeouts are shown.
+
+    Args:
+        client: a (synchronous) ``distributed.Client``.
+
+    Returns:
+        ``{worker address: [task, ...]}``, longest-running first; each task is
+        ``{"key", "prefix", "state", "thread", "elapsed", "fail_after",
+        "timed_out", "stack"}`` with ``stack`` a list of ``{"filename",
+        "lineno", "name", "line"}``, outermost frame first.
+    """
+    return client.run(_running_on)
+
+
+dask_setup, dask_teardown = entry_preload(ENTRY, worker=Watchdog)
