@@ -315,11 +315,17 @@ class Metrics(_MetricsBase, WorkerEntryPlugin):
 
     Example:
         >>> from distributed import Client, LocalCluster
+        >>> from prometheus_client import generate_latest
         >>> import catalog
-        >>> with LocalCluster(n_workers=1, processes=False, host="127.0.0.1",
-        ...                   dashboard_address="127.0.0.1:0") as cluster, \\
-        ...         Client(cluster) as client:  # doctest: +SKIP
-        ...     client.register_plugin(catalog.Metrics(max_prefixes=50))
+        >>> cluster = LocalCluster(n_workers=1, processes=False, protocol="tcp",
+        ...                        host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        >>> client = Client(cluster)
+        >>> _ = client.register_plugin(catalog.Metrics(max_prefixes=50))
+        >>> client.submit(sum, [1, 2]).result()
+        3
+        >>> b"dask_catalog_tasks_total" in generate_latest()
+        True
+        >>> client.close(); cluster.close()
     """
 
     entry = ENTRY
@@ -496,7 +502,18 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
         push_interval: seconds between pushes (``"15s"``).
 
     Example:
-        >>> client.register_plugin(catalog.SchedulerMetrics())  # doctest: +SKIP
+        >>> from distributed import Client, LocalCluster
+        >>> from prometheus_client import generate_latest
+        >>> import catalog
+        >>> cluster = LocalCluster(n_workers=1, processes=False, protocol="tcp",
+        ...                        host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        >>> client = Client(cluster)
+        >>> _ = client.register_plugin(catalog.SchedulerMetrics())
+        >>> client.submit(sum, [1, 2]).result()
+        3
+        >>> b"dask_catalog_scheduler_tasks_total" in generate_latest()
+        True
+        >>> client.close(); cluster.close()
     """
 
     entry = ENTRY

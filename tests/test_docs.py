@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 import pytest
 
+import catalog
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FENCE = re.compile(
@@ -56,6 +58,30 @@ def test_python_examples_run(name, code, tmp_path):
     assert result.returncode == 0, (
         f"{name} failed:\n{code}\n--- stderr ---\n{result.stderr[-4000:]}"
     )
+
+
+ENTRY_MODULES = [f"catalog.{name}" for name in catalog.ENTRY_MODULES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ENTRY_MODULES)
+def test_docstring_examples_run(module, tmp_path):
+    """The API reference shows the docstrings: their examples run too."""
+    code = (
+        "import doctest, importlib, sys\n"
+        f"module = importlib.import_module({module!r})\n"
+        "result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)\n"
+        "print(result)\n"
+        "sys.exit(1 if result.failed or not result.attempted else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def test_readme_python_examples_compile():
