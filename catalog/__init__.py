@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from catalog._config import register_defaults, share_distributed_log_handler
+from catalog._status import status, status_text
 
 try:
     __version__ = version("dask-catalog")
@@ -37,6 +38,7 @@ __all__ = [
     "dask_teardown",
     "entry_modules",
     "status",
+    "status_text",
 ]
 
 #: Every entry of the catalog, in the order the umbrella installs them: env
@@ -82,8 +84,4 @@ def __getattr__(name: str) -> Any:
         setup, teardown = umbrella_preload(entry_modules())
         globals().update(dask_setup=setup, dask_teardown=teardown)
         return globals()[name]
-    if name == "status":
-        from catalog.status import status
-
-        return status
     raise AttributeError(f"module 'catalog' has no attribute {name!r}")

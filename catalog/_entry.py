@@ -273,6 +273,10 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+async def _async_noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 class EntryPlugin:
     """What every catalog plugin shares: settings, strict setup, safe hooks, status.
 
@@ -347,6 +351,8 @@ class EntryPlugin:
         if previous is not None and previous is not self:
             previous._teardown(server)
         _ACTIVE[server][self.name] = self
+        if self.role == "scheduler":
+            _SchedulerCloser.attach(server)
         try:
             self.on_setup(server)
         except Exception as exc:
@@ -388,9 +394,13 @@ class EntryPlugin:
 
     def _disable(self) -> None:
         # Instance attributes shadow the hooks, so distributed's calls cost nothing.
+        # Async hooks (distributed awaits before_close) get an async stand-in;
+        # attributes that are not hooks (NannyPlugin.restart is a flag) stay.
         for hook in RUNTIME_HOOKS:
-            if hasattr(type(self), hook):
-                setattr(self, hook, _noop)
+            method = getattr(type(self), hook, None)
+            if callable(method):
+                stand_in = _async_noop if inspect.iscoroutinefunction(method) else _noop
+                setattr(self, hook, stand_in)
 
     def report_error(self, what: str, exc: BaseException | str) -> None:
         """Record a run-time error: one ERROR log line per entry, then counts only."""
@@ -464,6 +474,29 @@ class SchedulerEntryPlugin(EntryPlugin, SchedulerPlugin):
         server = getattr(self, "server", None)
         if server is not None:
             self._teardown(server)
+
+
+class _SchedulerCloser(SchedulerPlugin):
+    """Tears down, when the scheduler closes, entries it no longer lists.
+
+    ``Client.unregister_scheduler_plugin`` removes a plugin without calling its
+    ``close``: without this its files, threads and ports would stay open.
+    """
+
+    name = "catalog.closer"
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    @classmethod
+    def attach(cls, scheduler: Any) -> None:
+        plugins = getattr(scheduler, "plugins", None)
+        if isinstance(plugins, dict) and cls.name not in plugins:
+            scheduler.add_plugin(cls(scheduler), name=cls.name)
+
+    async def close(self) -> None:
+        for plugin in list(_ACTIVE.get(self.scheduler, {}).values()):
+            plugin._teardown(self.scheduler)
 
 
 class NannyEntryPlugin(EntryPlugin, NannyPlugin):
@@ -666,6 +699,16 @@ class PreloadCommand(click.Command):
         parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
+        args = list(args)
+        if len(args) > 1 and all(isinstance(a, str) and len(a) == 1 for a in args):
+            # distributed splits a preload-argv string into its characters.
+            text = "".join(args)
+            ctx = click.Context(self, info_name=info_name, parent=parent)
+            ctx.params = {
+                "_usage_error": f"preload-argv is a string ({text!r}), which "
+                f"distributed splits into characters; give a list: {text.split()!r}"
+            }
+            return ctx
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.ClickException as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from typing import Any
 
 import click
 
@@ -100,7 +99,7 @@ def status_command(address: str, as_json: bool, timeout: str) -> None:
     """Which entries are active on the scheduler at ADDRESS and on its workers."""
     from distributed import Client
 
-    from catalog.status import status, status_text
+    from catalog._status import status, status_text
 
     try:
         client = Client(address, timeout=timeout, set_as_default=False)

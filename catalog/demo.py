@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -78,7 +79,7 @@ def _metrics_text(client: Any, cluster: Any) -> str:
     scheduler_port = cluster.scheduler.http_server.port
     parts.append(f"# scheduler http://{host}:{scheduler_port}/metrics\n")
     parts.append(_scrape(f"http://{host}:{scheduler_port}/metrics"))
-    for address, worker in sorted(info["workers"].items())[:1]:
+    for address, worker in sorted(info["workers"].items()):
         port = worker["services"]["dashboard"]
         parts.append(f"\n# worker {address} http://{host}:{port}/metrics\n")
         parts.append(_scrape(f"http://{host}:{port}/metrics"))
@@ -151,16 +152,18 @@ def run_demo(
         f"Starting a local cluster of {workers} worker processes "
         f"with: {', '.join(enable)}"
     )
-    with dask.config.set(demo_config(output, enable)):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=2,
-            processes=True,
-            memory_limit=WORKER_MEMORY,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        )
-        client = Client(cluster)
+    # The config stays set while the cluster lives: a worker process that its
+    # nanny restarts reads it again.
+    config = dask.config.set(demo_config(output, enable))
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=2,
+        processes=True,
+        memory_limit=WORKER_MEMORY,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    )
+    client = Client(cluster)
     try:
         echo(f"Dashboard: {cluster.dashboard_link}")
         x = da.random.random((3000, 3000), chunks=(500, 500))
@@ -169,10 +172,10 @@ def run_demo(
             client.compute(reduction),
             *client.map(slow_step, range(3), pure=False),
         ]
-        failing = [
-            client.submit(memory_hog, pure=False),
-            client.submit(failing_step, 1, pure=False),
-        ]
+        failing = [client.submit(failing_step, 1, pure=False)]
+        if "memory" in enable:
+            # Without the guard the hog would only get its worker restarted.
+            failing.append(client.submit(memory_hog, pure=False))
         # distributed's bar stops at the first error: show it for the tasks that
         # succeed, then wait for the two that fail on purpose.
         progress(succeeding)
@@ -206,13 +209,14 @@ def run_demo(
     finally:
         client.close()
         cluster.close()
+        config.__exit__(None, None, None)
     echo("")
     shown = {k: v for k, v in paths.items() if os.path.exists(v)}
     how = {
         "trace": "open in https://ui.perfetto.dev or chrome://tracing",
         "events": "one JSON object per line: jq . events.jsonl",
         "logs": "one JSON object per line from every server and task",
-        "metrics": "a scrape of the scheduler's and a worker's /metrics",
+        "metrics": "a scrape of the scheduler's and every worker's /metrics",
     }
     for name, path in shown.items():
         echo(f"{name:<8} {path}  ({how[name]})")
@@ -229,6 +233,7 @@ def _keep_alive(client: Any, cluster: Any, echo: Any) -> None:
         port = worker["services"]["dashboard"]
         echo(f"Worker /metrics:    http://127.0.0.1:{port}/metrics  ({address})")
     echo("The cluster stays up until Ctrl-C.")
+    sys.stdout.flush()  # shown at once even when stdout is a pipe
     try:
         while True:
             time.sleep(1)

@@ -59,6 +59,7 @@ _READY = frozenset({"processing", "queued", "no-worker"})
 _EXCEPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 PUSH_TIMEOUT = 10.0
+FINAL_PUSH_TIMEOUT = 0.7
 
 
 class MetricName(Text):
@@ -222,14 +223,14 @@ class _Exporter:
             )
             self.pusher.start()
 
-    def push(self) -> None:
+    def push(self, timeout: float = PUSH_TIMEOUT) -> None:
         try:
             push_to_gateway(
                 self.settings.pushgateway,
                 job="dask",
                 registry=self.registry,
                 grouping_key={"instance": self.instance},
-                timeout=PUSH_TIMEOUT,
+                timeout=timeout,
             )
         except Exception as exc:
             self.plugin.report_error(f"push to {self.settings.pushgateway}", exc)
@@ -241,12 +242,16 @@ class _Exporter:
         self.push()
         while not self.stop_pushing.wait(self.settings.push_interval):
             self.push()
-        self.push()  # the final push, so that a batch job's last numbers stay
+        # The final push, so that a batch job's last numbers stay; short, so a
+        # gateway that hangs never holds the server's shutdown.
+        self.push(timeout=FINAL_PUSH_TIMEOUT)
 
     def stop(self) -> None:
         if self.pusher is not None:
             self.stop_pushing.set()
-            self.pusher.join(2 * PUSH_TIMEOUT + 1)
+            # A periodic push still in flight finishes on its own (the thread is
+            # a daemon); teardown waits for the final push only.
+            self.pusher.join(FINAL_PUSH_TIMEOUT + 0.2)
             self.pusher = None
         if self.httpd is not None:
             self.httpd.shutdown()

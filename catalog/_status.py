@@ -30,11 +30,10 @@ def _as_status(result: Any) -> dict:
     if isinstance(result, dict):
         return result
     # client.run(on_error="return") gives the exception of a server that could
-    # not run the function: most often one without the catalog installed.
+    # not run the function: most often one without the catalog installed, whose
+    # ModuleNotFoundError may arrive wrapped in a plain Exception.
     cause = f"{type(result).__name__}: {result}"
-    missing = (
-        isinstance(result, ModuleNotFoundError | ImportError) or "catalog" in cause
-    )
+    missing = "No module named 'catalog" in cause
     return {
         "catalog": None,
         "entries": {},
