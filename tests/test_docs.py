@@ -137,6 +137,47 @@ def test_dask_command_lines_parse(name, argv):
         command.make_context(f"dask {argv[0]}", list(args))
 
 
+def catalog_sections() -> list[tuple[str, dict]]:
+    """The `catalog:` section of every YAML example that has one."""
+    import yaml
+
+    found = []
+    for name, body in blocks("yaml"):
+        data = yaml.safe_load(body)
+        if isinstance(data, dict) and isinstance(data.get("catalog"), dict):
+            found.append((name, data["catalog"]))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("name", "section"), catalog_sections(), ids=[c[0] for c in catalog_sections()]
+)
+def test_yaml_config_examples_are_valid(name, section):
+    """Every catalog key in a YAML example exists and its value parses."""
+    from catalog._entry import OptionError, iter_entries
+
+    entries = {
+        m.dask_setup.entry.name: m.dask_setup.entry for m in catalog.entry_modules()
+    }
+    for key, value in section.items():
+        if key == "enable":
+            assert set(iter_entries(value)) <= set(entries), f"{name}: {value}"
+        elif key == "strict":
+            assert isinstance(value, bool), name
+        else:
+            assert key in entries, f"{name}: unknown entry {key!r}"
+            entry = entries[key]
+            for option, setting in value.items():
+                opt = entry.option(option)  # KeyError: an unknown option
+                try:
+                    opt.parse(setting, f"{name}: catalog.{key}.{option}")
+                except OptionError as exc:
+                    # A file the example names on the reader's machine is read
+                    # when parsed; only its absence here is forgiven.
+                    if "cannot read" not in str(exc):
+                        raise
+
+
 def test_docs_have_examples():
     assert len(python_blocks()) >= 7
     assert len(dask_commands()) >= 7
