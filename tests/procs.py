@@ -14,10 +14,65 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 LOOPBACK = "127.0.0.1"
+
+#: The repository root, and the environment that lets `dask` processes unpickle
+#: functions defined in the tests (pickled by reference to `tests.<module>`).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ENV = {
+    "PYTHONPATH": os.pathsep.join(
+        filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])
+    )
+}
+
+
+def local_cluster(n_workers: int = 1, processes: bool = False, **kwargs: Any) -> Any:
+    """A LocalCluster on loopback; in-process clusters need the tcp protocol."""
+    from distributed import LocalCluster
+
+    if not processes:
+        kwargs.setdefault("protocol", "tcp")
+    kwargs.setdefault("threads_per_worker", 1)
+    return LocalCluster(
+        n_workers=n_workers,
+        processes=processes,
+        host=LOOPBACK,
+        dashboard_address=f"{LOOPBACK}:0",
+        **kwargs,
+    )
+
+
+def scheduler_command(*extra: str) -> list[str]:
+    """`dask scheduler` on loopback with a free port."""
+    return [
+        *dask_command(),
+        "scheduler",
+        "--host",
+        LOOPBACK,
+        "--port",
+        "0",
+        "--dashboard-address",
+        f"{LOOPBACK}:0",
+        *extra,
+    ]
+
+
+def worker_command(address: str, *extra: str) -> list[str]:
+    """`dask worker ADDRESS` on loopback."""
+    return [
+        *dask_command(),
+        "worker",
+        address,
+        "--host",
+        LOOPBACK,
+        "--dashboard-address",
+        f"{LOOPBACK}:0",
+        *extra,
+    ]
 
 
 def dask_command() -> list[str]:
@@ -115,17 +170,7 @@ class Procs:
     ) -> tuple[Proc, str]:
         """`dask scheduler --host 127.0.0.1 --port 0 ...` and its address."""
         proc = self.start(
-            [
-                *dask_command(),
-                "scheduler",
-                "--host",
-                LOOPBACK,
-                "--port",
-                "0",
-                "--dashboard-address",
-                f"{LOOPBACK}:0",
-                *extra,
-            ],
+            scheduler_command(*extra),
             env=env,
             name="scheduler",
         )
@@ -140,20 +185,7 @@ class Procs:
         wait: bool = True,
     ) -> Proc:
         """`dask worker ADDRESS --host 127.0.0.1 ...`; waits until it registered."""
-        proc = self.start(
-            [
-                *dask_command(),
-                "worker",
-                address,
-                "--host",
-                LOOPBACK,
-                "--dashboard-address",
-                f"{LOOPBACK}:0",
-                *extra,
-            ],
-            env=env,
-            name="worker",
-        )
+        proc = self.start(worker_command(address, *extra), env=env, name="worker")
         if wait:
             proc.wait_for(r"Registered to:")
         return proc

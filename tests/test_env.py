@@ -27,10 +27,10 @@ from catalog.env import (
     read_env_file,
     usable_cores,
 )
-from tests.procs import dask_command
+from tests.procs import REPO_ENV, dask_command
 
 #: Real processes import this module to run the helpers below.
-REPO = {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+REPO = REPO_ENV
 
 # ---------------------------------------------------------------------------
 # Helpers run inside workers (module level: they are pickled by reference)

@@ -23,7 +23,7 @@ import catalog
 from catalog import _prom
 from catalog._entry import OptionError
 from catalog.events import ENTRY, EventLog, dask_setup, names, plain, reason_of
-from tests.procs import LOOPBACK, dask_command
+from tests.procs import LOOPBACK, scheduler_command
 
 # The key of the failing task: newlines and quotes must still give one JSON line.
 NASTY_KEY = "fail-\"quoted\"\n'line'"
@@ -477,20 +477,7 @@ def test_real_cluster_audit_log(procs, tmp_path):
 @pytest.mark.slow
 def test_cli_bad_value_exits_2():
     proc = subprocess.run(
-        [
-            *dask_command(),
-            "scheduler",
-            "--host",
-            LOOPBACK,
-            "--port",
-            "0",
-            "--dashboard-address",
-            f"{LOOPBACK}:0",
-            "--preload",
-            "catalog.events",
-            "--events-rotate-bytes",
-            "12",
-        ],
+        scheduler_command("--preload", "catalog.events", "--events-rotate-bytes", "12"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -504,20 +491,7 @@ def test_cli_bad_value_exits_2():
 def test_cli_scheduler_refuses_to_start_without_its_file(tmp_path):
     missing = tmp_path / "no-such-dir" / "events.jsonl"
     proc = subprocess.run(
-        [
-            *dask_command(),
-            "scheduler",
-            "--host",
-            LOOPBACK,
-            "--port",
-            "0",
-            "--dashboard-address",
-            f"{LOOPBACK}:0",
-            "--preload",
-            "catalog.events",
-            "--events-file",
-            str(missing),
-        ],
+        scheduler_command("--preload", "catalog.events", "--events-file", str(missing)),
         capture_output=True,
         text=True,
         timeout=60,

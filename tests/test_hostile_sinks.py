@@ -18,13 +18,13 @@ import threading
 
 import dask.config
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 from distributed.utils_test import captured_logger
 
 import catalog
 from catalog._entry import EntrySetupError
 from catalog._status import status
-from tests.procs import LOOPBACK, Proc, dask_command
+from tests.procs import LOOPBACK, Proc, dask_command, local_cluster, scheduler_command
 
 # -- helpers -------------------------------------------------------------------
 
@@ -36,17 +36,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
-
-
-def local_cluster(n_workers: int = 1) -> LocalCluster:
-    return LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=False,
-        protocol="tcp",
-        host=LOOPBACK,
-        dashboard_address=f"{LOOPBACK}:0",
-    )
 
 
 def under_a_file(tmp_path) -> str:
@@ -229,20 +218,7 @@ def test_real_processes_with_full_disk_taken_port_and_dead_gateway(procs, tmp_pa
     trace = tmp_path / "trace"
     scheduler = start(
         procs,
-        [
-            *dask_command(),
-            "scheduler",
-            "--host",
-            LOOPBACK,
-            "--port",
-            "0",
-            "--dashboard-address",
-            f"{LOOPBACK}:0",
-            "--preload",
-            "catalog.events",
-            "--events-file",
-            str(events),
-        ],
+        scheduler_command("--preload", "catalog.events", "--events-file", str(events)),
         "scheduler",
         limit=EVENTS_LIMIT,
     )

@@ -12,7 +12,7 @@ import time
 
 import dask
 import pytest
-from distributed import Client, KilledWorker, LocalCluster
+from distributed import Client, KilledWorker
 from distributed.core import Status
 from distributed.utils_test import captured_logger, gen_cluster
 
@@ -30,10 +30,9 @@ from catalog.memory import (
     report,
     split_growth,
 )
-from tests.procs import LOOPBACK, dask_command
+from tests.procs import LOOPBACK, REPO_ENV, dask_command, local_cluster
 
 MiB = 2**20
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def grow(step_mib: int = 20, steps: int = 50, pause: float = 0.02) -> int:
@@ -359,19 +358,9 @@ async def test_teardown_stops_the_sampler(c, s, a):
 # ---------------------------------------------------------------------------
 
 
-def local_cluster(**kwargs) -> LocalCluster:
-    return LocalCluster(
-        n_workers=1,
-        processes=True,
-        host=LOOPBACK,
-        dashboard_address=f"{LOOPBACK}:0",
-        **kwargs,
-    )
-
-
 @pytest.mark.slow
 def test_cli_worker_fails_task_keeps_data_and_pid(procs):
-    _, address = procs.scheduler(env={"PYTHONPATH": REPO})
+    _, address = procs.scheduler(env=REPO_ENV)
     worker = procs.worker(
         address,
         "--nthreads",
@@ -382,7 +371,7 @@ def test_cli_worker_fails_task_keeps_data_and_pid(procs):
         "catalog.memory",
         "--memory-task-limit",
         "300MiB",
-        env={"PYTHONPATH": REPO},
+        env=REPO_ENV,
     )
     with Client(address) as client:
         pid = client.submit(worker_pid, pure=False).result()
@@ -415,7 +404,7 @@ def test_cli_worker_fails_task_keeps_data_and_pid(procs):
 def test_without_guard_the_nanny_restarts_the_worker():
     with (
         dask.config.set({"distributed.scheduler.allowed-failures": 0}),
-        local_cluster(threads_per_worker=1, memory_limit="600MiB") as cluster,
+        local_cluster(processes=True, memory_limit="600MiB") as cluster,
         Client(cluster) as client,
     ):
         pid = client.submit(worker_pid, pure=False).result()
@@ -434,7 +423,9 @@ def test_without_guard_the_nanny_restarts_the_worker():
 @pytest.mark.slow
 def test_process_limit_fails_the_larger_of_two_growing_tasks():
     with (
-        local_cluster(threads_per_worker=2, memory_limit="2GiB") as cluster,
+        local_cluster(
+            processes=True, threads_per_worker=2, memory_limit="2GiB"
+        ) as cluster,
         Client(cluster) as client,
     ):
         client.register_plugin(MemoryGuard(process_limit="800MiB", interval="20ms"))

@@ -14,26 +14,15 @@ import time
 import dask.config
 import pytest
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
+from distributed import Client
 from distributed.utils_test import captured_logger
 
 import catalog
 from catalog._status import NOT_INSTALLED, _as_status, local_status, status, status_text
 from catalog.cli import main
-from tests.procs import LOOPBACK, dask_command
+from tests.procs import LOOPBACK, dask_command, local_cluster
 
 # -- helpers -------------------------------------------------------------------
-
-
-def local_cluster(n_workers: int = 2) -> LocalCluster:
-    return LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=False,
-        protocol="tcp",
-        host=LOOPBACK,
-        dashboard_address=f"{LOOPBACK}:0",
-    )
 
 
 def closed_port() -> int:
@@ -155,7 +144,7 @@ def test_cli_unreachable_scheduler_is_a_clear_error():
 
 def test_status_lists_entries_options_secrets_and_errors(tmp_path):
     with (
-        local_cluster() as cluster,
+        local_cluster(2) as cluster,
         Client(cluster) as client,
         captured_logger("catalog", level=logging.ERROR) as log,
     ):

@@ -30,13 +30,10 @@ from catalog.watchdog import (
     format_stack,
     running,
 )
-from tests.procs import dask_command
+from tests.procs import REPO_ENV, dask_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Real `dask scheduler` / `dask worker` processes import this module (task functions).
-WORKER_ENV = {
-    "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-}
+WORKER_ENV = REPO_ENV
 
 ATTEMPTS: list[str] = []
 
