@@ -345,6 +345,10 @@ class EntryPlugin:
 
     # -- machinery ------------------------------------------------------------
     def _setup(self, server: Any) -> None:
+        if self.active:  # set up twice: undo the first, never run twice
+            self._teardown(self.server)
+        for hook in RUNTIME_HOOKS:  # undo _disable of an earlier teardown
+            self.__dict__.pop(hook, None)
         self.server = server
         self.role = role_of(server)
         previous = _ACTIVE.setdefault(server, {}).get(self.name)

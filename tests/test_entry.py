@@ -365,3 +365,14 @@ def test_sample_module_is_importable_standalone():
         [sys.executable, SAMPLE], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+@gen_cluster(client=True, nthreads=[("", 1)])
+async def test_setting_up_one_instance_twice_runs_it_once(c, s, a):
+    plugin = SampleWorker()
+    plugin.setup(worker=a)
+    plugin.setup(worker=a)
+    assert a._sample_setups == 2 and a._sample_teardowns == 1
+    assert plugin.active and "transition" not in plugin.__dict__
+    plugin.teardown(worker=a)
+    assert a._sample_teardowns == 2 and not plugin.active
