@@ -773,6 +773,19 @@ def run_soon(server: Any, func: Callable[..., Any], *args: Any) -> None:
         pass
 
 
+def entry_names(values: Iterable[str], known: Sequence[str], source: str) -> list[str]:
+    """Parse ``--enable``-style lists; unknown names are a usage error on ``source``."""
+    names = iter_entries(values)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown entry {', '.join(map(repr, unknown))}; "
+            f"entries are: {', '.join(known)}",
+            param_hint=f"'{source}'",
+        )
+    return names
+
+
 def iter_entries(names: Iterable[str]) -> list[str]:
     """Split repeatable, comma-separated entry lists."""
     out = []

@@ -12,8 +12,8 @@ import dask.config
 from catalog._entry import (
     Entry,
     PreloadCommand,
+    entry_names,
     install,
-    iter_entries,
     refuse,
     uninstall,
 )
@@ -35,20 +35,10 @@ def umbrella_preload(
 
     def enabled_from(params: dict[str, Any]) -> list[str]:
         given = params.get("enable") or ()
-        names = (
-            iter_entries(given)
-            if given
-            else iter_entries(dask.config.get("catalog.enable", default=[]) or [])
-        )
-        unknown = [n for n in names if n not in entries]
-        if unknown:
-            source = "--enable" if given else "config catalog.enable"
-            raise click.BadParameter(
-                f"unknown entry {', '.join(map(repr, unknown))}; "
-                f"entries are: {', '.join(entries)}",
-                param_hint=f"'{source}'",
-            )
-        return names
+        if given:
+            return entry_names(given, list(entries), "--enable")
+        configured = dask.config.get("catalog.enable", default=[]) or []
+        return entry_names(configured, list(entries), "config catalog.enable")
 
     def check(params: dict[str, Any]) -> None:
         enabled = enabled_from(params)

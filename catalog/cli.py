@@ -9,6 +9,7 @@ import click
 
 from catalog import ENTRY_MODULES
 from catalog._entry import Entry
+from catalog.tracer import trace_cli
 
 __all__ = ["main"]
 
@@ -143,24 +144,12 @@ def status_command(address: str, as_json: bool, timeout: str) -> None:
 )
 def demo(output: str, workers: int, enable: tuple[str, ...], keep_alive: bool) -> None:
     """Every entry at work on an embedded local cluster, in under a minute."""
-    from catalog._entry import iter_entries
+    from catalog._entry import entry_names
     from catalog.demo import DEMO_ENTRIES, run_demo
 
-    chosen = iter_entries(enable) if enable else list(DEMO_ENTRIES)
-    unknown = [name for name in chosen if name not in ENTRY_MODULES]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown entry {', '.join(map(repr, unknown))}; "
-            f"entries are: {', '.join(ENTRY_MODULES)}",
-            param_hint="'--enable'",
-        )
+    chosen = entry_names(enable, ENTRY_MODULES, "--enable") if enable else DEMO_ENTRIES
     run_demo(output=output, workers=workers, enable=chosen, keep_alive=keep_alive)
 
 
-def _mount_entry_commands() -> None:
-    from catalog.tracer import trace_cli
-
-    main.add_command(trace_cli, "trace")
-
-
-_mount_entry_commands()
+# Entries with commands of their own.
+main.add_command(trace_cli, "trace")
