@@ -289,6 +289,9 @@ class EntryPlugin:
     entry: ClassVar[Entry]
     name: str
     idempotent = False
+    #: The server the plugin is set up on, and its kind (set by setup).
+    server: Any
+    role: str
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -650,14 +653,13 @@ async def _nanny_setup(nanny: Any, plugin: NannyEntryPlugin) -> None:
 
 async def _client_register(client: Any, plugin: Any) -> None:
     # The client's preloads run on its event loop: call the coroutines directly.
+    name = plugin.name
     if isinstance(plugin, SchedulerPlugin):
-        await client._register_scheduler_plugin(
-            plugin, name=plugin.name, idempotent=False
-        )
+        await client._register_scheduler_plugin(plugin, name=name, idempotent=False)
     elif isinstance(plugin, NannyPlugin):
-        await client._register_nanny_plugin(plugin, name=plugin.name, idempotent=False)
+        await client._register_nanny_plugin(plugin, name=name, idempotent=False)
     else:
-        await client._register_worker_plugin(plugin, name=plugin.name, idempotent=False)
+        await client._register_worker_plugin(plugin, name=name, idempotent=False)
 
 
 def uninstall(server: Any, entry: Entry) -> None:

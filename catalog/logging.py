@@ -252,7 +252,7 @@ def _drop_record_internals(
 _META = frozenset({"_record", "_from_structlog"})
 
 
-def _renderer(fmt: str, colors: bool) -> Callable[..., str]:
+def _renderer(fmt: str, colors: bool) -> Callable[..., Any]:
     if fmt == "json":
         return structlog.processors.JSONRenderer()
     if fmt == "logfmt":
@@ -289,19 +289,20 @@ def formatter(
     exceptions: list[Any] = (
         [] if fmt == "console" else [structlog.processors.format_exc_info]
     )
+    processors: list[Any] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        context if context is not None else ServerContext([]),
+        structlog.processors.StackInfoRenderer(),
+        *exceptions,
+        _drop_record_internals,
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        _renderer(fmt, colors),
+    ]
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.ExtraAdder()],
-        processors=[
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            context if context is not None else ServerContext([]),
-            structlog.processors.StackInfoRenderer(),
-            *exceptions,
-            _drop_record_internals,
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            _renderer(fmt, colors),
-        ],
+        processors=processors,
     )
 
 
@@ -436,9 +437,9 @@ class _Logging:
     """The implementation shared by the worker, scheduler and nanny plugins."""
 
     settings: Settings
+    _pipeline: _Pipeline | None
     #: Set up inside ``dask_setup`` rather than with the worker's queued
-    #: plugins, so the worker's startup lines are structured too (needs the
-    #: ``install`` change described in the logging entry's report).
+    #: plugins, so the worker's startup lines are structured too.
     setup_in_preload = True
 
     def on_setup(self, server: Any) -> None:

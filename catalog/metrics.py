@@ -568,7 +568,8 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
                 self._outcomes.labels(label, "error"),
                 self._wait.labels(label),
             )
-        children[0 if finish == "memory" else 1].inc()
+        success, error, wait_seconds = children
+        (success if finish == "memory" else error).inc()
         if ready is None:
             return
         for startstop in kwargs.get("startstops") or ():
@@ -576,7 +577,7 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
                 ws = self._workers.get(kwargs.get("worker"))
                 offset = ws.time_delay if ws is not None else 0.0
                 wait = startstop["start"] + offset - ready
-                children[2].observe(max(0.0, wait))
+                wait_seconds.observe(max(0.0, wait))
                 break
 
     def status(self) -> dict[str, Any]:

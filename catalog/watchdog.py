@@ -163,6 +163,7 @@ class Watchdog(WorkerEntryPlugin):
     """
 
     entry = ENTRY
+    _thread: threading.Thread | None
 
     def on_setup(self, worker: Any) -> None:
         self.worker = worker
