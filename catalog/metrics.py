@@ -497,14 +497,8 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
     memory) to the moment its computation starts on a worker, in the scheduler's
     clock (the worker's start time is corrected by the worker's clock offset).
 
-    Args:
-        namespace: prefix of the family names (``dask_catalog``).
-        buckets: histogram buckets in seconds.
-        max_prefixes: distinct prefixes before ``prefix="other"``.
-        port: serve the scheduler's families on this port too (0: a free one).
-        host: where ``port`` binds (``127.0.0.1``).
-        pushgateway: URL of a Prometheus Pushgateway.
-        push_interval: seconds between pushes (``"15s"``).
+    It takes the same options as :class:`Metrics`; ``port`` and
+    ``pushgateway`` serve or push the scheduler's families.
 
     Example:
         >>> from distributed import Client, LocalCluster

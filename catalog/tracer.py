@@ -427,13 +427,8 @@ class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
     """Record every transition of the scheduler (waiting, queued, processing, ...).
 
     In the trace the time each task spent in ``waiting``, ``queued``,
-    ``no-worker`` and ``processing`` shows on the scheduler's own tracks.
-
-    Args:
-        capacity: events kept in the ring buffer; older ones are dropped, counted.
-        dir: directory for ``<server-id>.jsonl`` files, or None.
-        flush_interval: seconds between writes of the file (``"1s"``).
-        states: finish states to record (default: all).
+    ``no-worker`` and ``processing`` shows on the scheduler's own tracks. It
+    takes the same options as :class:`Tracer`.
 
     Example:
         >>> import catalog
