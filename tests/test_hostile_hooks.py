@@ -23,7 +23,7 @@ from catalog._entry import (
 from catalog._runtime import TaskInterrupt
 from catalog.memory import TaskMemoryLimitExceeded
 from catalog.watchdog import TaskTimeoutError
-from tests.procs import LOOPBACK
+from tests.procs import LOOPBACK, local_cluster
 
 PUBLIC = [
     name
@@ -251,19 +251,13 @@ async def test_a_disabled_scheduler_entry_does_not_break_scheduler_close(c, s):
 
 @pytest.mark.slow
 def test_a_nanny_entry_that_cannot_set_up_does_not_restart_the_worker(tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     blocker = tmp_path / "file"
     blocker.write_text("")
     with (
         dask.config.set({"catalog.strict": False}),
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            host=LOOPBACK,
-            dashboard_address=f"{LOOPBACK}:0",
-        ) as cluster,
+        local_cluster(1, processes=True) as cluster,
         Client(cluster) as client,
     ):
         kept = client.submit(lambda: 42, key="kept")

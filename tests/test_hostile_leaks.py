@@ -15,14 +15,14 @@ from collections import Counter
 
 import dask.config
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 from distributed.utils_test import captured_logger
 from prometheus_client import REGISTRY, generate_latest
 
 import catalog
 from catalog import _prom
 from catalog._entry import active_plugins
-from tests.procs import LOOPBACK
+from tests.procs import LOOPBACK, local_cluster
 
 
 def census(dask_worker=None) -> dict:
@@ -158,14 +158,7 @@ def test_reregistering_every_entry_five_times_leaks_nothing(tmp_path):
     errors = ErrorRecords()
     logging.getLogger("catalog").addHandler(errors)
     with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=False,
-            protocol="tcp",
-            host=LOOPBACK,
-            dashboard_address=f"{LOOPBACK}:0",
-        ) as cluster,
+        local_cluster(2) as cluster,
         Client(cluster) as client,
     ):
         names = set()
@@ -234,13 +227,7 @@ def test_reregistering_every_entry_five_times_leaks_nothing(tmp_path):
 
 def test_an_unregistered_scheduler_entry_is_released_at_close(tmp_path):
     start = census()
-    cluster = LocalCluster(
-        n_workers=0,
-        processes=False,
-        protocol="tcp",
-        host=LOOPBACK,
-        dashboard_address=f"{LOOPBACK}:0",
-    )
+    cluster = local_cluster(0)
     try:
         with Client(cluster) as client:
             for plugin in scheduler_plugins(tmp_path):
@@ -282,14 +269,7 @@ def test_clusters_one_after_another_and_a_py_preload(tmp_path):
     ):
         for _ in range(3):
             with (
-                LocalCluster(
-                    n_workers=2,
-                    threads_per_worker=1,
-                    processes=False,
-                    protocol="tcp",
-                    host=LOOPBACK,
-                    dashboard_address=f"{LOOPBACK}:0",
-                ) as cluster,
+                local_cluster(2) as cluster,
                 Client(cluster) as client,
             ):
                 work(client)
@@ -361,13 +341,7 @@ def test_reregistering_across_restart_leaks_nothing(tmp_path):
         }
 
     with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            host=LOOPBACK,
-            dashboard_address=f"{LOOPBACK}:0",
-        ) as cluster,
+        local_cluster(1, processes=True) as cluster,
         Client(cluster) as client,
     ):
         register_all(client)

@@ -16,14 +16,14 @@ import click
 import dask.config
 import pytest
 from click.testing import CliRunner
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, WorkerPlugin
 from distributed.utils_test import gen_cluster
 
 import catalog
 from catalog import tracer
 from catalog._entry import OptionError
 from catalog._prom import Families, ProcessCollector, attach, detach
-from tests.procs import dask_command
+from tests.procs import dask_command, local_cluster
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -484,13 +484,7 @@ async def test_metrics_families_when_metrics_entry_is_active(c, s, a):
 
 def test_register_plugin_on_worker_processes_and_save(tmp_path):
     with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        ) as cluster,
+        local_cluster(2, processes=True) as cluster,
         Client(cluster) as client,
     ):
         client.register_plugin(catalog.Tracer())

@@ -13,7 +13,7 @@ import time
 import click
 import dask
 import pytest
-from distributed import Client, LocalCluster, secede
+from distributed import Client, secede
 from distributed.utils_test import captured_logger, gen_cluster
 
 import catalog
@@ -30,7 +30,7 @@ from catalog.watchdog import (
     format_stack,
     running,
 )
-from tests.procs import REPO_ENV, dask_command
+from tests.procs import REPO_ENV, dask_command, local_cluster
 
 #: Real `dask scheduler` / `dask worker` processes import this module (task functions).
 WORKER_ENV = REPO_ENV
@@ -428,13 +428,7 @@ def test_race_tasks_finishing_at_fail_after_never_kill_the_executor():
     """
     fail_after = 0.02
     with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=2,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        ) as cluster,
+        local_cluster(1, processes=True, threads_per_worker=2) as cluster,
         Client(cluster) as client,
     ):
         client.register_plugin(
