@@ -424,9 +424,13 @@ def test_real_worker_json_stderr(procs, tmp_path):
         assert by_event[event]["key"] == key
         assert by_event[event]["prefix"] == "logtask"
     assert "Traceback" in by_event["with exception"]["exception"]
-    # The last structured line is distributed removing the plugin; the worker's
-    # last lines after teardown are in distributed's format again.
-    assert parsed[-1]["event"] == f"Removing Worker plugin {NAME}"
+    # distributed's line removing the plugin is still structured; after teardown
+    # the worker's lines are in distributed's format again. (Another thread, such
+    # as distributed's GC monitor, may log between the two: no exact order.)
+    assert f"Removing Worker plugin {NAME}" in by_event, worker.output
+    after = [line for line in lines[starts[-1] + 1 :] if line.strip()]
+    assert after, worker.output
+    assert all(" - " in line and not line.startswith("{") for line in after), after
 
     assert rotating.stop(signal.SIGTERM) == 0
     name = f"file-worker-{rotating.popen.pid}.log"
