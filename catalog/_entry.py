@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import click
 import dask.config
+from distributed import Client, Nanny, Scheduler, Worker
 from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
 
 from catalog._options import OptionType
@@ -222,16 +223,18 @@ def looks_secret(name: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
+#: Server classes and their role names (the logging entry asks for every line).
+_ROLES = (
+    (Worker, "worker"),
+    (Scheduler, "scheduler"),
+    (Nanny, "nanny"),
+    (Client, "client"),
+)
+
+
 def role_of(server: Any) -> str:
     """``"worker"``, ``"scheduler"``, ``"nanny"`` or ``"client"``."""
-    from distributed import Client, Nanny, Scheduler, Worker
-
-    for cls, role in (
-        (Worker, "worker"),
-        (Scheduler, "scheduler"),
-        (Nanny, "nanny"),
-        (Client, "client"),
-    ):
+    for cls, role in _ROLES:
         if isinstance(server, cls):
             return role
     return type(server).__name__.lower()
