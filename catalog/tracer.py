@@ -288,27 +288,30 @@ class _Collector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         names, values = list(fam.labels), list(fam.labels.values())
-        ns = fam.namespace
         rec = self.recorder
-        recorded = CounterMetricFamily(
-            f"{ns}_tracer_events", "Events the tracer recorded.", labels=names
-        )
-        recorded.add_metric(values, rec._appended)
-        yield recorded
-        dropped = CounterMetricFamily(
-            f"{ns}_tracer_dropped_events",
-            "Events the tracer dropped from its full ring buffer.",
-            labels=names,
-        )
-        dropped.add_metric(values, rec.dropped)
-        yield dropped
-        buffered = GaugeMetricFamily(
-            f"{ns}_tracer_buffered_events",
-            "Events in the tracer's ring buffer.",
-            labels=names,
-        )
-        buffered.add_metric(values, rec.buffered)
-        yield buffered
+        for kind, name, doc, value in (
+            (
+                CounterMetricFamily,
+                "events",
+                "Events the tracer recorded.",
+                rec._appended,
+            ),
+            (
+                CounterMetricFamily,
+                "dropped_events",
+                "Events the tracer dropped from its full ring buffer.",
+                rec.dropped,
+            ),
+            (
+                GaugeMetricFamily,
+                "buffered_events",
+                "Events in the tracer's ring buffer.",
+                rec.buffered,
+            ),
+        ):
+            family = kind(f"{fam.namespace}_tracer_{name}", doc, labels=names)
+            family.add_metric(values, value)
+            yield family
 
 
 class Tracer(_Recorder, WorkerEntryPlugin):

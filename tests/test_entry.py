@@ -17,7 +17,7 @@ from distributed.utils_test import captured_logger, gen_cluster
 
 from catalog._entry import EntrySetupError, OptionError, active_plugins
 from tests import sample_entry
-from tests.procs import LOOPBACK, dask_command
+from tests.procs import LOOPBACK, worker_command
 from tests.sample_entry import SampleScheduler, SampleWorker
 
 SAMPLE = str(Path(sample_entry.__file__))
@@ -311,17 +311,7 @@ def test_nanny_preload_sets_the_spawned_worker_environment_and_refuses_when_stri
 def test_cli_bad_value_exits_2_naming_the_option(procs):
     _, address = procs.scheduler()
     result = subprocess.run(
-        [
-            *dask_command(),
-            "worker",
-            address,
-            "--host",
-            LOOPBACK,
-            "--preload",
-            SAMPLE,
-            "--sample-count",
-            "zero",
-        ],
+        worker_command(address, "--preload", SAMPLE, "--sample-count", "zero"),
         capture_output=True,
         text=True,
         timeout=60,

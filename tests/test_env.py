@@ -27,7 +27,7 @@ from catalog.env import (
     read_env_file,
     usable_cores,
 )
-from tests.procs import REPO_ENV, dask_command
+from tests.procs import REPO_ENV, worker_command
 
 #: Real processes import this module to run the helpers below.
 REPO = REPO_ENV
@@ -563,16 +563,7 @@ def test_cli_worker_preload_without_nanny(procs):
 )
 def test_cli_bad_value_exits_2(args, named):
     result = subprocess.run(
-        [
-            *dask_command(),
-            "worker",
-            "tcp://127.0.0.1:1",
-            "--host",
-            "127.0.0.1",
-            "--preload",
-            "catalog.env",
-            *args,
-        ],
+        worker_command("tcp://127.0.0.1:1", "--preload", "catalog.env", *args),
         capture_output=True,
         text=True,
         timeout=120,

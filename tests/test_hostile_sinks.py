@@ -24,7 +24,14 @@ from distributed.utils_test import captured_logger
 import catalog
 from catalog._entry import EntrySetupError
 from catalog._status import status
-from tests.procs import LOOPBACK, Proc, dask_command, local_cluster, scheduler_command
+from tests.procs import (
+    LOOPBACK,
+    Proc,
+    dask_command,
+    local_cluster,
+    scheduler_command,
+    worker_command,
+)
 
 # -- helpers -------------------------------------------------------------------
 
@@ -223,8 +230,7 @@ def test_real_processes_with_full_disk_taken_port_and_dead_gateway(procs, tmp_pa
         limit=EVENTS_LIMIT,
     )
     addr = scheduler.wait_for(r"Scheduler at:\s+(tcp://[\d.]+:\d+)").group(1)
-    worker = [*dask_command(), "worker", addr, "--host", LOOPBACK]
-    worker += ["--dashboard-address", f"{LOOPBACK}:0", "--nthreads", "1"]
+    worker = worker_command(addr, "--nthreads", "1")
     full = start(
         procs,
         [

@@ -30,7 +30,7 @@ from catalog.memory import (
     report,
     split_growth,
 )
-from tests.procs import LOOPBACK, REPO_ENV, dask_command, local_cluster
+from tests.procs import LOOPBACK, REPO_ENV, local_cluster, worker_command
 
 MiB = 2**20
 
@@ -450,17 +450,9 @@ def test_process_limit_fails_the_larger_of_two_growing_tasks():
 )
 def test_bad_cli_values_exit_2_naming_the_option(flag, value):
     result = subprocess.run(
-        [
-            *dask_command(),
-            "worker",
-            f"tcp://{LOOPBACK}:1",
-            "--host",
-            LOOPBACK,
-            "--preload",
-            "catalog.memory",
-            flag,
-            value,
-        ],
+        worker_command(
+            f"tcp://{LOOPBACK}:1", "--preload", "catalog.memory", flag, value
+        ),
         capture_output=True,
         text=True,
         timeout=60,

@@ -33,7 +33,7 @@ from catalog.metrics import (
     SchedulerMetrics,
     dask_setup,
 )
-from tests.procs import LOOPBACK, dask_command, require_binary
+from tests.procs import LOOPBACK, require_binary, worker_command
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -702,7 +702,7 @@ def test_cli_port_in_use_refuses_to_start(procs):
 def test_cli_bad_value_exits_2(flag, bad):
     result = subprocess.run(
         [
-            *(*dask_command(), "worker", f"tcp://{LOOPBACK}:1", "--host", LOOPBACK),
+            *worker_command(f"tcp://{LOOPBACK}:1"),
             *("--preload", "catalog.metrics", flag, bad),
         ],
         capture_output=True,

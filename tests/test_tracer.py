@@ -23,7 +23,7 @@ import catalog
 from catalog import tracer
 from catalog._entry import OptionError
 from catalog._prom import Families, ProcessCollector, attach, detach
-from tests.procs import dask_command, local_cluster
+from tests.procs import local_cluster, worker_command
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -630,19 +630,7 @@ def test_dir_form_survives_sigterm_and_sigkill(procs, tmp_path):
 )
 def test_bad_cli_value_exits_2(flag, value):
     result = subprocess.run(
-        [
-            *dask_command(),
-            "worker",
-            "tcp://127.0.0.1:1",
-            "--host",
-            "127.0.0.1",
-            "--dashboard-address",
-            "127.0.0.1:0",
-            "--preload",
-            "catalog.tracer",
-            flag,
-            value,
-        ],
+        worker_command("tcp://127.0.0.1:1", "--preload", "catalog.tracer", flag, value),
         capture_output=True,
         text=True,
         timeout=120,

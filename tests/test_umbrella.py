@@ -11,7 +11,7 @@ import pytest
 from distributed import Client
 
 import catalog
-from tests.procs import LOOPBACK, dask_command
+from tests.procs import worker_command
 
 
 def parse(argv: list[str]) -> dict:
@@ -131,16 +131,7 @@ def test_config_keys_alone_install_on_a_real_worker(procs):
 def test_cli_umbrella_bad_input_exits_2(procs, argv, expected):
     _, address = procs.scheduler()
     result = subprocess.run(
-        [
-            *dask_command(),
-            "worker",
-            address,
-            "--host",
-            LOOPBACK,
-            "--preload",
-            "catalog",
-            *argv,
-        ],
+        worker_command(address, "--preload", "catalog", *argv),
         capture_output=True,
         text=True,
         timeout=60,

@@ -30,7 +30,7 @@ from catalog.watchdog import (
     format_stack,
     running,
 )
-from tests.procs import REPO_ENV, dask_command, local_cluster
+from tests.procs import REPO_ENV, local_cluster, worker_command
 
 #: Real `dask scheduler` / `dask worker` processes import this module (task functions).
 WORKER_ENV = REPO_ENV
@@ -398,17 +398,9 @@ def test_cli_worker_warns_times_out_and_survives(procs):
 )
 def test_cli_bad_value_exits_2(option, value, tmp_path):
     done = subprocess.run(
-        [
-            *dask_command(),
-            "worker",
-            "tcp://127.0.0.1:1",
-            "--host",
-            "127.0.0.1",
-            "--preload",
-            "catalog.watchdog",
-            option,
-            value,
-        ],
+        worker_command(
+            "tcp://127.0.0.1:1", "--preload", "catalog.watchdog", option, value
+        ),
         capture_output=True,
         text=True,
         timeout=60,
