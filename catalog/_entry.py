@@ -767,17 +767,6 @@ def now() -> float:
     return time.time()
 
 
-def run_soon(server: Any, func: Callable[..., Any], *args: Any) -> None:
-    """Call ``func(*args)`` on the server's event loop, from any thread."""
-    loop = getattr(server, "loop", None)
-    if loop is None:
-        return
-    try:
-        loop.add_callback(func, *args)
-    except RuntimeError:  # loop closed at shutdown
-        pass
-
-
 def entry_names(values: Iterable[str], known: Sequence[str], source: str) -> list[str]:
     """Parse ``--enable``-style lists; unknown names are a usage error on ``source``."""
     names = iter_entries(values)

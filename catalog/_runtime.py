@@ -22,6 +22,7 @@ __all__ = [
     "interrupt_task",
     "json_line",
     "log_worker_event",
+    "run_soon",
 ]
 
 logger = logging.getLogger("catalog")
@@ -140,13 +141,18 @@ def cancel_undelivered(worker: Any, thread_id: int) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def log_worker_event(worker: Any, topic: str, msg: dict[str, Any]) -> None:
-    """``worker.log_event`` from any thread (it must run on the event loop)."""
-    loop = getattr(worker, "loop", None)
+def run_soon(server: Any, func: Callable[..., Any], *args: Any) -> None:
+    """Call ``func(*args)`` on the server's event loop, from any thread."""
+    loop = getattr(server, "loop", None)
     if loop is None:
         return
     with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-        loop.add_callback(worker.log_event, topic, msg)
+        loop.add_callback(func, *args)
+
+
+def log_worker_event(worker: Any, topic: str, msg: dict[str, Any]) -> None:
+    """``worker.log_event`` from any thread (it must run on the event loop)."""
+    run_soon(worker, worker.log_event, topic, msg)
 
 
 # ---------------------------------------------------------------------------

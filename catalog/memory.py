@@ -15,7 +15,7 @@ import psutil
 from dask.utils import format_bytes, key_split
 from distributed.core import Status
 
-from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload, run_soon
+from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload
 from catalog._options import Duration, Size, SizeOrFraction
 from catalog._prom import families_for
 from catalog._runtime import (
@@ -23,6 +23,7 @@ from catalog._runtime import (
     cancel_undelivered,
     interrupt_task,
     log_worker_event,
+    run_soon,
 )
 
 __all__ = [
