@@ -626,6 +626,19 @@ def _us(seconds: float) -> float:
     return round(seconds * 1e6, 3)
 
 
+def _ts_dur(start: float, stop: float) -> dict[str, float]:
+    """``ts`` and ``dur`` in microseconds, both taken from the rounded endpoints.
+
+    Epoch microseconds are near 1.8e15, where a double's step is 0.25 us, so
+    ``_us(start) + _us(stop - start)`` can land past ``_us(stop)``: a span
+    that ends exactly when the next one on its track starts would then
+    overlap it. The difference of the two rounded endpoints is exact, so
+    ``ts + dur`` is the rounded ``stop`` and rounding keeps the order.
+    """
+    ts = _us(start)
+    return {"ts": ts, "dur": max(0.0, _us(stop) - ts)}
+
+
 def chrome_trace(sources: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Build ``{"traceEvents": [...]}`` from sources (see :func:`fetch`).
 
@@ -677,8 +690,7 @@ def _worker_spans(
             "name": str(e.get("prefix") or key_split(e.get("key"))),
             "cat": kind,
             "ph": "X",
-            "ts": _us(start),
-            "dur": max(0.0, _us(stop - start)),
+            **_ts_dur(start, stop),
             "pid": pid,
             "tid": lanes.tid(group, start, stop),
             "args": args,
@@ -711,8 +723,7 @@ def _scheduler_spans(
             "name": str(end.get("prefix") or key_split(end["key"])),
             "cat": state,
             "ph": "X",
-            "ts": _us(start),
-            "dur": max(0.0, _us(end["time"] - start)),
+            **_ts_dur(start, end["time"]),
             "pid": pid,
             "tid": lanes.tid(group, start, end["time"]),
             "args": args,

@@ -18,6 +18,8 @@ import pytest
 from click.testing import CliRunner
 from distributed import Client, WorkerPlugin
 from distributed.utils_test import gen_cluster
+from hypothesis import given
+from hypothesis import strategies as st
 
 import catalog
 from catalog import tracer
@@ -267,6 +269,38 @@ def test_chrome_trace_shape_lanes_and_summary():
     assert summary["inc"]["total"] == pytest.approx(1.6)
     assert summary["inc"]["p50"] == pytest.approx(0.5)
     assert tracer.summarize(trace, kind="transfer")["add"]["count"] == 2
+
+
+# Back-to-back stints at epoch time: the CI failure that found the rounding bug
+# had a waiting stint end where the next began, 0.15 us "overlap" after rounding.
+@given(
+    start=st.floats(1.6e9, 2.0e9),
+    gaps=st.lists(st.floats(0.0, 1e-4), min_size=2, max_size=20),
+)
+def test_spans_that_touch_never_overlap_at_epoch_time(start, gaps):
+    times = list(itertools.accumulate(gaps, initial=start))
+    waiting = [
+        event
+        for i, (begin, end) in enumerate(itertools.pairwise(times))
+        for event in (
+            _tr(f"inc-{i}", "released", "waiting", begin),
+            _tr(f"inc-{i}", "waiting", "processing", end),
+        )
+    ]
+    spans = [
+        _span(f"inc-{i}", "compute", begin, end, thread=1)
+        for i, (begin, end) in enumerate(itertools.pairwise(times))
+    ]
+    trace = tracer.chrome_trace(
+        [
+            _source("scheduler", "tcp://127.0.0.1:2", waiting),
+            _source("worker", "tcp://127.0.0.1:1", spans),
+        ]
+    )
+    complete = check_chrome_trace(trace)
+    no_overlap_per_track(complete)
+    # touching spans share one track instead of spilling into lanes
+    assert len({(e["pid"], e["tid"]) for e in complete}) == 2
 
 
 def test_percentiles_nearest_rank():
