@@ -417,7 +417,7 @@ def test_real_cluster_audit_log(procs, tmp_path):
         "--preload", "catalog.events", "--events-file", str(path), env=env
     )
     procs.worker(addr, "--nthreads", "1", "--name", "big", "--memory-limit", "300MB")
-    small = procs.worker(addr, "--nthreads", "1", "--name", "small", "--no-nanny")
+    small = procs.worker(addr, "--nthreads", "1", "--name", "small")
     with Client(addr, timeout=30) as client:
         workers = {
             info["name"]: a for a, info in client.scheduler_info()["workers"].items()
@@ -447,8 +447,8 @@ def test_real_cluster_audit_log(procs, tmp_path):
     assert erred_bad["worker"] == small_addr and "news" in erred_bad["exception"]
     removed = {e["worker"]: e for e in of(events, "worker-removed")}
     assert removed[small_addr]["name"] == "small"
-    # A worker stopped by a signal closes its connection without saying why.
-    assert removed[small_addr]["reason"] == "handle-worker-cleanup"
+    # Its nanny closes a worker stopped by a signal and tells the scheduler so.
+    assert removed[small_addr]["reason"] == "signal"
     (restart,) = of(events, "worker-restart-memory")
     assert restart["worker"] == big_addr
     assert restart["pid"] > 0 and restart["rss"] > 0.9 * 300 * 10**6
@@ -513,7 +513,7 @@ def test_real_scheduler_logger_and_metric(procs):
         "worker-added,worker-removed",
     )
     dashboard = sched.wait_for(r"dashboard at:\s+(http://[\d.]+:\d+)").group(1)
-    procs.worker(addr, "--nthreads", "1", "--no-nanny").stop(signal.SIGTERM)
+    procs.worker(addr, "--nthreads", "1").stop(signal.SIGTERM)
     sched.wait_for(r"catalog\.events - INFO - worker-removed")
     with urllib.request.urlopen(f"{dashboard}/metrics", timeout=30) as response:
         text = response.read().decode()

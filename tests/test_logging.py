@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import pickle
-import signal
 import subprocess
 import sys
 
@@ -415,7 +414,12 @@ def test_real_worker_json_stderr(procs, tmp_path):
 
         assert client.submit(task, 3, key=key, workers=[first]).result() == 3
         worker.wait_for("from structlog", timeout=30)
-    assert worker.stop(signal.SIGTERM) == 0
+        # Closed through the scheduler, not SIGTERM: see Proc.wait_exit.
+        (second,) = set(client.scheduler_info()["workers"]) - {first}
+        client.retire_workers([first])
+        assert worker.wait_exit() == 0
+        client.retire_workers([second])
+        assert rotating.wait_exit() == 0
 
     lines = worker.output.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("{")]
@@ -439,7 +443,6 @@ def test_real_worker_json_stderr(procs, tmp_path):
     assert after, worker.output
     assert all(" - " in line and not line.startswith("{") for line in after), after
 
-    assert rotating.stop(signal.SIGTERM) == 0
     name = f"file-worker-{rotating.popen.pid}.log"
     assert (tmp_path / name).exists()
     assert (tmp_path / f"{name}.1").exists()

@@ -247,7 +247,6 @@ def test_cli_status_of_a_mixed_cluster(procs, tmp_path):
         "1",
         "--name",
         "without",
-        "--no-nanny",
         env=env_without_catalog(tmp_path),
         wait=False,
     )
@@ -281,7 +280,7 @@ def test_cli_status_of_a_mixed_cluster(procs, tmp_path):
 def test_cli_status_of_a_scheduler_without_the_catalog(procs, tmp_path):
     env = env_without_catalog(tmp_path)
     _, addr = procs.scheduler(env=env)
-    procs.worker(addr, "--nthreads", "1", "--no-nanny", env=env)
+    procs.worker(addr, "--nthreads", "1", env=env)
     result = subprocess.run(
         [*dask_command(), "catalog", "status", addr, "--json"],
         capture_output=True,
