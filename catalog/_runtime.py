@@ -1,9 +1,11 @@
-"""Shared run-time pieces: failing a task from another thread, JSON-lines files."""
+"""Shared run-time pieces: failing a task from another thread, JSON-lines files,
+task prefixes of any key."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import inspect
 import json
 import logging
@@ -13,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from dask.utils import key_split
 from distributed import worker as _worker_module
 
 __all__ = [
@@ -22,10 +25,37 @@ __all__ = [
     "interrupt_task",
     "json_line",
     "log_worker_event",
+    "prefix_of",
     "run_soon",
 ]
 
 logger = logging.getLogger("catalog")
+
+# ---------------------------------------------------------------------------
+# Task prefixes
+# ---------------------------------------------------------------------------
+
+#: What dask's key_split itself answers for a key it cannot split.
+UNKNOWN_PREFIX = "Other"
+
+
+def prefix_of(key: Any) -> str:
+    """The task prefix of ``key`` (``dask.utils.key_split``), for any key at all.
+
+    key_split raises on keys dask accepts (bytes that are not UTF-8), and a
+    hook or a flush thread must not: such a key gets dask's own ``"Other"``.
+    Cached, because hooks ask for the same few prefixes again and again.
+    """
+    try:
+        return _cached_prefix(key)
+    except Exception:  # unhashable or unsplittable: not cached, rare
+        return UNKNOWN_PREFIX
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_prefix(key: Any) -> str:
+    return key_split(key)
+
 
 # ---------------------------------------------------------------------------
 # Failing a running task from another thread
@@ -277,7 +307,11 @@ class JsonLinesFile:
     def _flush_loop(self) -> None:
         assert self.flush_interval is not None
         while not self._stop.wait(self.flush_interval):
-            self.flush()
+            try:
+                self.flush()
+            except Exception as exc:  # one bad record must not end the flushing
+                if self.on_error is not None:
+                    self.on_error(f"flushing {self.path}", exc)
 
     def close(self) -> None:
         """Stop the flush thread, write what is queued, close the file."""
@@ -285,11 +319,13 @@ class JsonLinesFile:
         if self._thread is not None:
             self._thread.join(timeout=1)
             self._thread = None
-        self.flush()
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        try:
+            self.flush()
+        finally:  # the descriptor is released even when the last flush fails
+            with self._lock:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
 
 
 def safe_filename(text: str) -> str:

@@ -9,12 +9,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from dask.utils import key_split
-
 from catalog._entry import Entry, Option, SchedulerEntryPlugin, entry_preload
 from catalog._options import Integer, RotateSize, Text
 from catalog._prom import families_for
-from catalog._runtime import JsonLinesFile
+from catalog._runtime import JsonLinesFile, prefix_of
 
 __all__ = ["ENTRY", "EVENTS", "EventLog", "dask_setup", "dask_teardown"]
 
@@ -283,7 +281,7 @@ class EventLog(SchedulerEntryPlugin):
         if not self.active or not self._wanted("graph-submitted"):
             return
         known = scheduler.tasks
-        prefixes = {known[k].prefix.name if k in known else key_split(k) for k in tasks}
+        prefixes = {known[k].prefix.name if k in known else prefix_of(k) for k in tasks}
         self.record(
             "graph-submitted",
             client=client,
@@ -301,7 +299,7 @@ class EventLog(SchedulerEntryPlugin):
                 self.record(
                     "task-erred",
                     key=plain(key),
-                    prefix=key_split(key),
+                    prefix=prefix_of(key),
                     exception=exception_of(kwargs),
                     worker=kwargs.get("worker"),
                 )
@@ -318,7 +316,7 @@ class EventLog(SchedulerEntryPlugin):
             self.record(
                 "task-retried",
                 key=plain(key),
-                prefix=key_split(key),
+                prefix=prefix_of(key),
                 retries_left=ts.retries if ts is not None else None,
             )
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
-from dask.utils import key_split
 from distributed.utils import thread_state
 
 from catalog._entry import (
@@ -28,7 +27,7 @@ from catalog._entry import (
     role_of,
 )
 from catalog._options import Choice, Integer, LogLevel, NameValue, RotateSize, Text
-from catalog._runtime import safe_filename
+from catalog._runtime import prefix_of, safe_filename
 
 __all__ = [
     "ENTRY",
@@ -203,7 +202,7 @@ class ServerContext:
         key = getattr(thread_state, "key", None)
         if key is not None:
             event_dict.setdefault("key", key if isinstance(key, str) else str(key))
-            event_dict.setdefault("prefix", key_split(key))
+            event_dict.setdefault("prefix", prefix_of(key))
             state = getattr(thread_state, "execution_state", None) or {}
             server = state.get("worker", server)
         role = role_of(server) if server is not None else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-from dask.utils import format_bytes, key_split
+from dask.utils import format_bytes
 from distributed.core import Status
 
 from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload
@@ -23,6 +23,7 @@ from catalog._runtime import (
     cancel_undelivered,
     interrupt_task,
     log_worker_event,
+    prefix_of,
     run_soon,
 )
 
@@ -471,7 +472,7 @@ class MemoryGuard(WorkerEntryPlugin):
 
     def _start(self, worker: Any, state: _State, tid: int, key: Any) -> None:
         ts = worker.state.tasks.get(key)
-        prefix = getattr(ts, "prefix", None) or key_split(key)
+        prefix = getattr(ts, "prefix", None) or prefix_of(key)
         limit = state.task_limit
         annotations = getattr(ts, "annotations", None) or {}
         if ANNOTATION in annotations:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from dask.utils import key_split
 from prometheus_client import CollectorRegistry, push_to_gateway, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -25,6 +24,7 @@ from catalog._entry import (
     entry_preload,
 )
 from catalog._options import Duration, FloatList, Integer, Text
+from catalog._runtime import prefix_of
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -390,7 +390,7 @@ class Metrics(_MetricsBase, WorkerEntryPlugin):
         if finish == "executing":
             if key not in self._running:
                 ts = self._tasks.get(key)
-                label = self._prefix(ts.prefix if ts is not None else key_split(key))
+                label = self._prefix(ts.prefix if ts is not None else prefix_of(key))
                 with self._lock:
                     self._running[key] = (label, time.monotonic())
             return
@@ -554,7 +554,7 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
         if start != "processing" or (finish != "memory" and finish != "erred"):
             return
         ts = self._tasks.get(key)
-        label = self._prefix(ts.prefix.name if ts is not None else key_split(key))
+        label = self._prefix(ts.prefix.name if ts is not None else prefix_of(key))
         children = self._children.get(label)
         if children is None:
             children = self._children[label] = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import logging
@@ -13,7 +12,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, get_args
 
 import click
-from dask.utils import key_split
 from distributed.scheduler import TaskStateState as _SchedulerState
 from distributed.worker_state_machine import TaskStateState as _WorkerState
 
@@ -26,7 +24,7 @@ from catalog._entry import (
 )
 from catalog._options import Choice, Duration, Integer, Text
 from catalog._prom import add_collector, remove_collector
-from catalog._runtime import JsonLinesFile, json_line, safe_filename
+from catalog._runtime import JsonLinesFile, json_line, prefix_of, safe_filename
 
 __all__ = [
     "ENTRY",
@@ -101,11 +99,6 @@ RUNNING = frozenset({"executing", "long-running", "resumed"})
 FINISHED = frozenset({"memory", "error"})
 #: Scheduler states shown as stints on the scheduler's tracks.
 SCHEDULER_STINTS = ("waiting", "queued", "no-worker", "processing")
-
-
-@functools.lru_cache(maxsize=65536)
-def _prefix(key: Any) -> str:
-    return key_split(key)
 
 
 def _key_text(key: Any) -> str:
@@ -225,7 +218,7 @@ class _Recorder:
         return [take() for _ in range(len(pending))]
 
     def _as_dicts(self, records: Iterable[tuple[Any, ...]]) -> Iterator[dict]:
-        prefix = _prefix
+        prefix = prefix_of
         for t, key, start, finish in records:
             if start is SPAN:
                 yield from self._span_dicts(t, key, finish)
@@ -405,7 +398,7 @@ class Tracer(_Recorder, WorkerEntryPlugin):
 
     def _span_dicts(self, thread: Any, key: Any, payload: Any) -> Iterator[dict]:
         peak = payload[0]
-        text, prefix = _key_text(key), _prefix(key)
+        text, prefix = _key_text(key), prefix_of(key)
         for i in range(1, len(payload), 4):
             kind, start, stop, source = payload[i : i + 4]
             if start is None or stop is None:
@@ -687,7 +680,7 @@ def _worker_spans(
             if e.get(extra) is not None:
                 args[extra] = e[extra]
         yield {
-            "name": str(e.get("prefix") or key_split(e.get("key"))),
+            "name": str(e.get("prefix") or prefix_of(e.get("key"))),
             "cat": kind,
             "ph": "X",
             **_ts_dur(start, stop),
@@ -720,7 +713,7 @@ def _scheduler_spans(
         if end.get("worker"):
             args["worker"] = end["worker"]
         yield {
-            "name": str(end.get("prefix") or key_split(end["key"])),
+            "name": str(end.get("prefix") or prefix_of(end["key"])),
             "cat": state,
             "ph": "X",
             **_ts_dur(start, end["time"]),

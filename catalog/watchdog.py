@@ -9,7 +9,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from dask.utils import format_time, key_split
+from dask.utils import format_time
 
 from catalog import _runtime
 from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload, now
@@ -20,6 +20,7 @@ from catalog._runtime import (
     cancel_undelivered,
     interrupt_task,
     log_worker_event,
+    prefix_of,
 )
 
 __all__ = [
@@ -277,7 +278,7 @@ class Watchdog(WorkerEntryPlugin):
     ) -> dict:
         return {
             "key": str(key),
-            "prefix": key_split(key),
+            "prefix": prefix_of(key),
             "worker": str(self.worker.address),
             "thread": thread_id,
             "elapsed": round(elapsed, 3),
@@ -392,7 +393,7 @@ def _running_on(dask_worker: Any) -> list[dict[str, Any]]:
         out.append(
             {
                 "key": str(key),
-                "prefix": key_split(key),
+                "prefix": prefix_of(key),
                 "state": ts.state,
                 "thread": thread_id,
                 "elapsed": round(current - start, 3),

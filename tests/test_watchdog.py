@@ -365,8 +365,11 @@ def test_cli_worker_warns_times_out_and_survives(procs):
         events = client.get_events(EVENT_TOPIC)
         warning = next(m for _, m in events if m["action"] == "warning")
         timeout = next(m for _, m in events if m["action"] == "timeout")
-        assert 1.0 <= warning["elapsed"] < 2.0
-        assert 3.0 <= timeout["elapsed"] < 4.0
+        # Not before the limits, and the warning well before the timeout; how
+        # soon after a limit the watchdog acts is benchmarks/watchdog_latency.py's
+        # business, not a timed test's on a shared machine.
+        assert 1.0 <= warning["elapsed"] < 3.0
+        assert 3.0 <= timeout["elapsed"] < 10.0
         # The worker survives and runs the next task.
         assert client.submit(spin_for, 0.01, "next").result(timeout=30) == "next"
 
