@@ -1,5 +1,4 @@
-"""Shared run-time pieces: failing a task from another thread, JSON-lines files,
-task prefixes of any key."""
+"""Shared run-time pieces: task prefixes, failing a task from a thread, JSON lines."""
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from dask.utils import key_split
 from distributed import worker as _worker_module
 
 __all__ = [
+    "UNKNOWN_PREFIX",
     "JsonLinesFile",
     "TaskInterrupt",
     "cancel_undelivered",
