@@ -224,17 +224,18 @@ def run_demo(
 
 
 def _keep_alive(client: Any, cluster: Any, echo: Any) -> None:
-    info = client.scheduler_info()
-    echo(f"\nDashboard:          {cluster.dashboard_link}")
-    echo(
-        f"Scheduler /metrics: http://127.0.0.1:{cluster.scheduler.http_server.port}/metrics"
-    )
-    for address, worker in sorted(info["workers"].items()):
-        port = worker["services"]["dashboard"]
-        echo(f"Worker /metrics:    http://127.0.0.1:{port}/metrics  ({address})")
-    echo("The cluster stays up until Ctrl-C.")
-    sys.stdout.flush()  # shown at once even when stdout is a pipe
+    # Ctrl-C may come as soon as the last line is out, so the lines are printed
+    # inside the try: a KeyboardInterrupt anywhere here stops the demo cleanly.
     try:
+        info = client.scheduler_info()
+        echo(f"\nDashboard:          {cluster.dashboard_link}")
+        port = cluster.scheduler.http_server.port
+        echo(f"Scheduler /metrics: http://127.0.0.1:{port}/metrics")
+        for address, worker in sorted(info["workers"].items()):
+            port = worker["services"]["dashboard"]
+            echo(f"Worker /metrics:    http://127.0.0.1:{port}/metrics  ({address})")
+        echo("The cluster stays up until Ctrl-C.")
+        sys.stdout.flush()  # shown at once even when stdout is a pipe
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

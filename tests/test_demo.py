@@ -66,6 +66,7 @@ def test_demo_runs_every_entry_and_writes_its_files(tmp_path):
 
 @pytest.mark.slow
 def test_demo_keep_alive_prints_urls_until_ctrl_c(tmp_path):
+    stderr = tmp_path / "stderr.txt"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -81,7 +82,7 @@ def test_demo_keep_alive_prints_urls_until_ctrl_c(tmp_path):
             "--keep-alive",
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr.open("w"),
         text=True,
         cwd=tmp_path,
     )
@@ -96,7 +97,7 @@ def test_demo_keep_alive_prints_urls_until_ctrl_c(tmp_path):
         assert "Worker /metrics:    http://127.0.0.1:" in text
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0
+        assert proc.returncode == 0, stderr.read_text()[-5000:]
         assert "Stopping." in rest
     finally:
         if proc.poll() is None:
