@@ -135,8 +135,8 @@ class Proc:
         For a ``--no-nanny`` worker closed through the scheduler: on distributed
         2026.8.0 such a worker sometimes never exits after SIGTERM (``asyncio.run``
         cancels the scheduler-stream task, whose ``finally`` awaits
-        ``Worker.close``, which waits on a task that was cancelled too; seen about
-        once in 15 stops, with or without the catalog). Tests that need a clean
+        ``Worker.close``, which sometimes never finishes; seen about once in 15
+        stops, with or without the catalog). Tests that need a clean
         exit status from a ``--no-nanny`` worker therefore close it with
         ``client.retire_workers`` and wait here.
         """
