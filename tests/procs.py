@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,25 @@ REPO_ENV = {
         filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])
     )
 }
+
+
+def by_value(func: Callable) -> Callable:
+    """A copy of a test function that cloudpickle sends by value.
+
+    Real dask processes run in the test's ``tmp_path`` and cannot import
+    ``tests``; cloudpickle sends a function of ``__main__`` by value, with the
+    modules it uses by reference.
+    """
+    copy = types.FunctionType(
+        func.__code__,
+        func.__globals__,
+        func.__name__,
+        func.__defaults__,
+        func.__closure__,
+    )
+    copy.__module__ = "__main__"
+    copy.__qualname__ = func.__qualname__
+    return copy
 
 
 def local_cluster(n_workers: int = 1, processes: bool = False, **kwargs: Any) -> Any:

@@ -23,7 +23,7 @@ import catalog
 from catalog import _prom
 from catalog._entry import OptionError
 from catalog.events import ENTRY, EventLog, dask_setup, names, plain, reason_of
-from tests.procs import LOOPBACK, scheduler_command
+from tests.procs import LOOPBACK, by_value, scheduler_command
 
 # The key of the failing task: newlines and quotes must still give one JSON line.
 NASTY_KEY = "fail-\"quoted\"\n'line'"
@@ -390,27 +390,17 @@ def test_rotation_keeps_backups(tmp_path):
 # -- real processes ------------------------------------------------------------
 
 
-def remote_functions():
-    """Task functions for real processes, pickled by value (tests is not importable
-    from their working directory)."""
-
-    def fail(message):
-        raise ValueError(message)
-
-    def hog(mb_per_step=40):
-        # Grow until the nanny kills this worker for memory.
-        chunks = []
-        while True:
-            chunks.append(b"x" * (mb_per_step * 2**20))
-            time.sleep(0.05)
-
-    return fail, hog
+def hog(mb_per_step=40):
+    # Grow until the nanny kills this worker for memory.
+    chunks = []
+    while True:
+        chunks.append(b"x" * (mb_per_step * 2**20))
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
 def test_real_cluster_audit_log(procs, tmp_path):
     path = tmp_path / "events.jsonl"
-    fail, hog = remote_functions()
     # One death is enough: the task fails with KilledWorker at once.
     env = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
     sched, addr = procs.scheduler(
@@ -423,13 +413,15 @@ def test_real_cluster_audit_log(procs, tmp_path):
             info["name"]: a for a, info in client.scheduler_info()["workers"].items()
         }
         big_addr, small_addr = workers["big"], workers["small"]
-        bad = client.submit(fail, 'bad\n"news"', key=NASTY_KEY, workers=[small_addr])
+        bad = client.submit(
+            by_value(fail), 'bad\n"news"', key=NASTY_KEY, workers=[small_addr]
+        )
         with pytest.raises(ValueError, match="news"):
             bad.result(timeout=60)
         # A graceful stop of one worker.
         assert small.stop(signal.SIGTERM) == 0
         # The nanny kills the other one for memory.
-        killed = client.submit(hog, key="hog-1", workers=[big_addr])
+        killed = client.submit(by_value(hog), key="hog-1", workers=[big_addr])
         with pytest.raises(Exception, match=r"KilledWorker|died"):
             killed.result(timeout=120)
         client.wait_for_workers(1, timeout=60)

@@ -23,7 +23,7 @@ from catalog.logging import (
     dask_setup,
     formatter,
 )
-from tests.procs import worker_command
+from tests.procs import by_value, worker_command
 
 NAME = "catalog.logging"
 
@@ -398,20 +398,7 @@ def test_real_worker_json_stderr(procs, tmp_path):
         client.wait_for_workers(2, timeout=60)
         first = worker.wait_for(r"Start worker at:\s+(tcp://[\d.]+:\d+)").group(1)
         key = "logtask-0123456789abcdef0123456789abcdef"
-
-        def task(x):  # local, so it is pickled by value (cwd is tmp_path)
-            import logging
-
-            import structlog
-
-            logging.getLogger("user").info("from stdlib %d", x)
-            structlog.get_logger().info("from structlog", x=x)
-            try:
-                raise KeyError("boom")
-            except KeyError:
-                logging.getLogger("user").exception("with exception")
-            return x
-
+        task = by_value(_task_logs)  # the worker's cwd is tmp_path: no `tests`
         assert client.submit(task, 3, key=key, workers=[first]).result() == 3
         worker.wait_for("from structlog", timeout=30)
         # Closed through the scheduler, not SIGTERM: see Proc.wait_exit.

@@ -25,7 +25,7 @@ import catalog
 from catalog import tracer
 from catalog._entry import OptionError
 from catalog._prom import Families, ProcessCollector, attach, detach
-from tests.procs import local_cluster, worker_command
+from tests.procs import by_value, local_cluster, worker_command
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -76,18 +76,6 @@ def no_overlap_per_track(complete: list[dict]) -> None:
 def slow_inc(x: int, delay: float = 0.05) -> int:
     time.sleep(delay)
     return x + 1
-
-
-def remote_slow_inc():
-    """``slow_inc`` pickled by value, for workers that cannot import ``tests``."""
-
-    def slow_inc(x: int, delay: float = 0.05) -> int:
-        import time
-
-        time.sleep(delay)
-        return x + 1
-
-    return slow_inc
 
 
 def read_lines(path: str) -> list[dict]:
@@ -565,7 +553,7 @@ def test_cli_preload_on_scheduler_and_worker(procs, tmp_path):
         "5000",
     )
     with Client(address) as client:
-        futures = client.map(remote_slow_inc(), range(8), delay=0.01)
+        futures = client.map(by_value(slow_inc), range(8), delay=0.01)
         assert sum(client.gather(futures)) == 36
         raw = catalog.tracer.fetch(client)
         (source,) = raw["workers"].values()
@@ -609,7 +597,7 @@ def test_dir_form_survives_sigterm_and_sigkill(procs, tmp_path):
         workers = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
         for name, n in (("term", 4), ("kill", 5)):
             futures = client.map(
-                remote_slow_inc(),
+                by_value(slow_inc),
                 range(n),
                 delay=0.01,
                 workers=[workers[name]],
