@@ -12,7 +12,7 @@ from typing import Any
 from catalog._entry import Entry, Option, SchedulerEntryPlugin, entry_preload
 from catalog._options import Integer, RotateSize, Text
 from catalog._prom import families_for
-from catalog._runtime import JsonLinesFile, prefix_of
+from catalog._runtime import MAX_BACKUPS, JsonLinesFile, prefix_of
 
 __all__ = ["ENTRY", "EVENTS", "EventLog", "dask_setup", "dask_teardown"]
 
@@ -78,7 +78,7 @@ ENTRY = Entry(
         ),
         Option(
             "backups",
-            Integer(0),
+            Integer(0, maximum=MAX_BACKUPS),
             5,
             "How many rotated files to keep, as FILE.1 ... FILE.N.",
         ),
@@ -368,7 +368,12 @@ class EventLog(SchedulerEntryPlugin):
         out = super().status()
         file = getattr(self, "_file", None)
         if file is not None:
-            out.update(file=file.path, written=file.written, dropped=file.dropped)
+            out.update(
+                file=file.path,
+                written=file.written,
+                buffered=file.buffered,
+                dropped=file.dropped,
+            )
         return out
 
 

@@ -24,7 +24,14 @@ from catalog._entry import (
 )
 from catalog._options import Choice, Duration, Integer, Text
 from catalog._prom import add_collector, remove_collector
-from catalog._runtime import JsonLinesFile, json_line, prefix_of, safe_filename
+from catalog._runtime import (
+    JsonLinesFile,
+    json_line,
+    open_private,
+    prefix_of,
+    private_dir,
+    safe_filename,
+)
 
 __all__ = [
     "ENTRY",
@@ -67,11 +74,11 @@ ENTRY = Entry(
             Text("a directory path"),
             None,
             "Directory where each server appends its events as JSON lines to "
-            "<server-id>.jsonl (created 0o600).",
+            "<server-id>.jsonl (files 0o600, a new directory 0o700).",
         ),
         Option(
             "flush-interval",
-            Duration(),
+            Duration(minimum="10ms", maximum="1h"),
             "1s",
             "How often the JSON-lines file of the dir form is written.",
         ),
@@ -86,7 +93,7 @@ ENTRY = Entry(
     ],
     examples=[
         "dask worker tcp://127.0.0.1:8786 --preload catalog.tracer "
-        "--tracer-dir /tmp/trace",
+        "--tracer-dir ~/dask-trace",
     ],
 )
 
@@ -130,8 +137,7 @@ class _Recorder:
         self.address = str(getattr(server, "address", "") or "")
         self.pid = os.getpid()
         if s.dir:
-            os.makedirs(s.dir, exist_ok=True)
-            path = os.path.join(s.dir, self.file_name())
+            path = os.path.join(private_dir(s.dir), self.file_name())
             self._pending = deque()
             self._file = _TraceFile(
                 path,
@@ -547,7 +553,7 @@ def _save_summary(path: str, sources: list[dict], trace: dict) -> dict[str, Any]
 
 
 def _write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, separators=(",", ":"), default=str)
 
