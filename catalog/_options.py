@@ -158,7 +158,10 @@ class Duration(OptionType):
     def parse(self, value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError("not a duration")
-        seconds = parse_timedelta(value, default="seconds")
+        try:
+            seconds = parse_timedelta(value, default="seconds")
+        except KeyError:  # dask's message lists every spelling of every unit
+            raise ValueError("unknown time unit") from None
         if seconds is None or not seconds > 0 or math.isinf(seconds):
             raise ValueError("must be more than 0")
         low, high = self._range
