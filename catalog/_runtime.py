@@ -404,9 +404,9 @@ class JsonLinesFile:
     def extend(self, lines: list[str]) -> None:
         """Queue lines already encoded with :func:`json_line`, without flushing."""
         with self._lock:
+            # Bounded after each failed flush (_failed), not here: the next
+            # flush may well succeed.
             self._buffer.extend(lines)
-            if self._failing:
-                self._trim()
 
     def _trim(self) -> None:
         # Lock held. The file cannot be written: keep the oldest lines up to
