@@ -78,7 +78,7 @@ ENTRY = Entry(
         ),
         Option(
             "flush-interval",
-            Duration(minimum="10ms", maximum="1h"),
+            Duration(minimum="1ms", maximum="1h"),
             "1s",
             "How often the JSON-lines file of the dir form is written.",
         ),

@@ -71,7 +71,7 @@ ENTRY = Entry(
         ),
         Option(
             "interval",
-            Duration(minimum="10ms", maximum="1h"),
+            Duration(minimum="1ms", maximum="1h"),
             "1s",
             "How often the running tasks are checked.",
         ),
