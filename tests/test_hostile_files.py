@@ -192,3 +192,33 @@ def test_every_catalog_logger_escapes_control_characters():
         with captured_logger(name, level=logging.DEBUG, propagate=False) as out:
             log.warning("key %s", "k\n2026 forged\u2028\x1b[0m")
         assert out.getvalue() == "key k\\n2026 forged\\u2028\\x1b[0m\n", name
+
+
+def test_escape_control_examples_run():
+    import doctest
+
+    import catalog._text
+
+    result = doctest.testmod(catalog._text)
+    assert result.attempted and not result.failed
+
+
+def test_status_table_escapes_an_error_text():
+    data = {
+        "scheduler": {
+            "address": "tcp://127.0.0.1:1",
+            "catalog": "1",
+            "entries": {
+                "events": {
+                    "active": True,
+                    "options": {"file": "e\x1b[2J"},
+                    "last_error": "writing x: boom\nworker tcp://forged  active",
+                    "errors": 1,
+                }
+            },
+        },
+        "workers": {},
+    }
+    text = catalog.status_text(data)
+    assert "\x1b" not in text and "forged" in text
+    assert len(text.splitlines()) == 3  # the server, the entry, its error
