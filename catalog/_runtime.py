@@ -316,7 +316,7 @@ def json_line(obj: Any) -> str:
 
 #: The most rotated files an output file keeps: each rotation renames every
 #: one of them, on the event loop for the events entry.
-MAX_BACKUPS = 1000
+MAX_BACKUPS = 100
 
 #: Lines a JsonLinesFile keeps while its file cannot be written, before it
 #: drops new ones (and counts them).
