@@ -114,8 +114,8 @@ def test_enable_from_config_as_one_word():
 #: (class, keyword, value, words of the message): values that cost the server
 #: seconds or spin a thread.
 EXTREME = [
-    ("EventLog", "backups", 10**6, "must be <= 100;"),
-    ("StructuredLogging", "backups", 10**6, "must be <= 100;"),
+    ("EventLog", "backups", 10**6, "(must be <= 100)"),
+    ("StructuredLogging", "backups", 10**6, "(must be <= 100)"),
     ("Watchdog", "interval", "1ns", "from 1ms to 1h"),
     ("MemoryGuard", "interval", "1ns", "from 1ms to 1h"),
     ("Tracer", "flush_interval", "1ns", "from 1ms to 1h"),
@@ -147,7 +147,7 @@ def test_extreme_cli_values_exit_2_with_the_range():
         ),
     ]
     for popen, words in zip(
-        running, ["must be <= 100;", "from 1ms to 1h"], strict=True
+        running, ["(must be <= 100)", "from 1ms to 1h"], strict=True
     ):
         code, out = finish(popen)
         assert code == 2, out
