@@ -12,6 +12,7 @@ import dask.config
 import yaml
 
 __all__ = [
+    "ENTRY_NAMES",
     "GLOBAL_DEFAULTS",
     "YAML_PATH",
     "expected_defaults",
@@ -53,12 +54,21 @@ def _kebab(key: Any) -> str:
     return str(key).replace("_", "-")
 
 
-def _unknown(where: str, given: Iterable[Any], known: list[str]) -> list[str]:
+#: Names of every entry made in this process, the catalog's and others'
+#: (an entry author's ``Entry`` registers itself when it is built).
+ENTRY_NAMES: set[str] = set()
+
+
+def _unknown(
+    where: str, given: Iterable[Any], known: list[str], only_close: bool = False
+) -> list[str]:
     problems = []
     for key in given:
         if _kebab(key) in known:
             continue
         close = difflib.get_close_matches(_kebab(key), known, n=1)
+        if only_close and not close:
+            continue
         hint = (
             f"did you mean {where}.{close[0]}?"
             if close
@@ -83,7 +93,10 @@ def unknown_keys(entry: str, options: Iterable[str]) -> list[str]:
     section = dask.config.get("catalog", default=None)
     if not isinstance(section, dict):
         return []
-    problems = _unknown("catalog", section, [*GLOBAL_DEFAULTS, *ENTRY_MODULES])
+    # A section of an entry from another package, not imported yet, is no typo:
+    # at the top level only a near miss of a known name is reported.
+    top = [*GLOBAL_DEFAULTS, *ENTRY_MODULES, *sorted(ENTRY_NAMES - set(ENTRY_MODULES))]
+    problems = _unknown("catalog", section, top, only_close=True)
     own = next((v for k, v in section.items() if _kebab(k) == entry), None)
     if isinstance(own, dict):
         problems += _unknown(f"catalog.{entry}", own, list(options))

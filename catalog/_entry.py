@@ -18,7 +18,7 @@ import dask.config
 from distributed import Client, Nanny, Scheduler, Worker
 from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
 
-from catalog._config import unknown_keys
+from catalog._config import ENTRY_NAMES, unknown_keys
 from catalog._options import OptionType
 
 __all__ = [
@@ -126,6 +126,7 @@ class Entry:
 
     def __post_init__(self) -> None:
         self._by_keyword = {opt.keyword: opt for opt in self.options}
+        ENTRY_NAMES.add(self.name)
 
     # -- the five spellings -------------------------------------------------
     def flag(self, option: Option) -> str:
