@@ -12,6 +12,7 @@ from typing import Any
 
 from catalog._config import register_defaults, share_distributed_log_handler
 from catalog._status import status, status_text
+from catalog._text import escape_log_lines
 
 try:
     __version__ = version("dask-catalog")
@@ -65,6 +66,9 @@ _FACADE = {
 
 register_defaults()
 share_distributed_log_handler()
+#: Every line the catalog logs shows untrusted text (keys, event topics,
+#: exception messages) with its control characters escaped.
+escape_log_lines(["catalog", *(f"catalog.{name}" for name in ENTRY_MODULES)])
 
 
 def entry_modules() -> list[Any]:

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import dask.config
 import yaml
 
 __all__ = [
+    "ENTRY_NAMES",
+    "GLOBAL_DEFAULTS",
     "YAML_PATH",
     "expected_defaults",
     "register_defaults",
     "share_distributed_log_handler",
+    "unknown_keys",
 ]
 
 YAML_PATH = os.path.join(os.path.dirname(__file__), "catalog.yaml")
+
+#: The keys directly under ``catalog`` that belong to no entry.
+GLOBAL_DEFAULTS: dict[str, Any] = {
+    "strict": True,
+    "enable": [],
+    "follow-symlinks": False,
+}
 
 
 def register_defaults() -> None:
@@ -30,11 +42,65 @@ def expected_defaults() -> dict[str, Any]:
     """What catalog.yaml must hold: derived from the entries' declarations."""
     import catalog
 
-    section: dict[str, Any] = {"strict": True, "enable": []}
+    section: dict[str, Any] = dict(GLOBAL_DEFAULTS)
     for module in catalog.entry_modules():
         entry = module.dask_setup.entry
         section[entry.name] = entry.defaults()
     return {"catalog": section}
+
+
+def _kebab(key: Any) -> str:
+    # dask config keeps an env var's key as given (lower-cased, underscores).
+    return str(key).replace("_", "-")
+
+
+#: Names of every entry made in this process, the catalog's and others'
+#: (an entry author's ``Entry`` registers itself when it is built).
+ENTRY_NAMES: set[str] = set()
+
+
+def _unknown(
+    where: str, given: Iterable[Any], known: list[str], only_close: bool = False
+) -> list[str]:
+    problems = []
+    for key in given:
+        if _kebab(key) in known:
+            continue
+        close = difflib.get_close_matches(_kebab(key), known, n=1)
+        if only_close and not close:
+            continue
+        hint = (
+            f"did you mean {where}.{close[0]}?"
+            if close
+            else f"the keys of {where} are: {', '.join(known)}"
+        )
+        problems.append(f"unknown config key {where}.{key} ({hint})")
+    return problems
+
+
+def unknown_keys(entry: str, options: Iterable[str]) -> list[str]:
+    """Config keys under ``catalog`` and ``catalog.<entry>`` that nothing reads.
+
+    Args:
+        entry: the entry's name.
+        options: its option names (kebab-case).
+
+    Returns:
+        One message per unknown key, naming the closest known key.
+    """
+    from catalog import ENTRY_MODULES
+
+    section = dask.config.get("catalog", default=None)
+    if not isinstance(section, dict):
+        return []
+    # A section of an entry from another package, not imported yet, is no typo:
+    # at the top level only a near miss of a known name is reported.
+    top = [*GLOBAL_DEFAULTS, *ENTRY_MODULES, *sorted(ENTRY_NAMES - set(ENTRY_MODULES))]
+    problems = _unknown("catalog", section, top, only_close=True)
+    own = next((v for k, v in section.items() if _kebab(k) == entry), None)
+    if isinstance(own, dict):
+        problems += _unknown(f"catalog.{entry}", own, list(options))
+    return problems
 
 
 def share_distributed_log_handler() -> None:

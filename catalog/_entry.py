@@ -18,6 +18,7 @@ import dask.config
 from distributed import Client, Nanny, Scheduler, Worker
 from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
 
+from catalog._config import ENTRY_NAMES, unknown_keys
 from catalog._options import OptionType
 
 __all__ = [
@@ -37,6 +38,10 @@ logger = logging.getLogger("catalog")
 
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 MASK = "****"
+
+
+#: Config-key warnings already given in this process (each is given once).
+_WARNED: set[str] = set()
 
 
 class OptionError(ValueError):
@@ -121,6 +126,7 @@ class Entry:
 
     def __post_init__(self) -> None:
         self._by_keyword = {opt.keyword: opt for opt in self.options}
+        ENTRY_NAMES.add(self.name)
 
     # -- the five spellings -------------------------------------------------
     def flag(self, option: Option) -> str:
@@ -154,6 +160,7 @@ class Entry:
                 f"options are: {sorted(self._by_keyword)}"
             )
             raise TypeError(msg)
+        self.check_config_keys()
         values = {}
         for opt in self.options:
             if opt.keyword in given:
@@ -163,6 +170,22 @@ class Entry:
                 where = f"config {self.config_key(opt)}"
             values[opt.keyword] = opt.parse(value, where)
         return Settings(**values)
+
+    def check_config_keys(self) -> None:
+        """Refuse (``catalog.strict``) or warn once about misspelt config keys.
+
+        A typo such as ``catalog.memory.prcess-limit`` would otherwise leave the
+        option at its default without a word.
+        """
+        problems = unknown_keys(self.name, [opt.name for opt in self.options])
+        if not problems:
+            return
+        if dask.config.get("catalog.strict", default=True):
+            raise OptionError("; ".join(problems) + " (catalog.strict is true)")
+        for problem in problems:
+            if problem not in _WARNED:
+                _WARNED.add(problem)
+                logger.warning("%s (ignored: catalog.strict is false)", problem)
 
     def masked(self, settings: Settings) -> dict[str, Any]:
         """Settings for logs and status, with secret values hidden."""

@@ -128,32 +128,75 @@ class SizeOrFraction(OptionType):
 
 
 class Duration(OptionType):
-    """Seconds, spelled as dask spells durations (``"500ms"``, ``"5m"``, ``2``)."""
+    """Seconds, spelled as dask spells durations (``"500ms"``, ``"5m"``, ``2``).
+
+    Args:
+        nullable: whether none / off means "not set".
+        minimum: the shortest accepted duration, in dask's spelling (``"10ms"``):
+            a polling interval of ``"1ns"`` would spin a thread.
+        maximum: the longest accepted duration, in dask's spelling.
+    """
 
     name = "duration"
 
-    def __init__(self, nullable: bool = False) -> None:
+    def __init__(
+        self,
+        nullable: bool = False,
+        minimum: str | None = None,
+        maximum: str | None = None,
+    ) -> None:
         self.nullable = nullable
-        self.accepted = 'a duration such as "500ms", "30s" or "5m"'
+        self.minimum, self.maximum = minimum, maximum
+        self._range = (
+            parse_timedelta(minimum) if minimum is not None else 0.0,
+            parse_timedelta(maximum) if maximum is not None else math.inf,
+        )
+        self.accepted = 'a duration such as "500ms", "30s" or "5m"' + _range_text(
+            minimum, maximum
+        )
 
     def parse(self, value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError("not a duration")
-        seconds = parse_timedelta(value, default="seconds")
+        try:
+            seconds = parse_timedelta(value, default="seconds")
+        except KeyError:  # dask's message lists every spelling of every unit
+            raise ValueError("unknown time unit") from None
         if seconds is None or not seconds > 0 or math.isinf(seconds):
             raise ValueError("must be more than 0")
+        low, high = self._range
+        if not low <= seconds <= high:
+            raise ValueError("out of range")
         return float(seconds)
 
 
+def _range_text(minimum: Any, maximum: Any) -> str:
+    """``", from 10ms to 1h"``: the bounds of an option, for its messages and docs."""
+    if minimum is not None and maximum is not None:
+        return f", from {minimum} to {maximum}"
+    if minimum is not None:
+        return f", at least {minimum}"
+    if maximum is not None:
+        return f", at most {maximum}"
+    return ""
+
+
 class Integer(OptionType):
-    """A whole number with a lower bound."""
+    """A whole number with a lower bound and, where huge values hurt, an upper one."""
 
     name = "integer"
 
-    def __init__(self, minimum: int = 0, nullable: bool = False) -> None:
+    def __init__(
+        self, minimum: int = 0, nullable: bool = False, maximum: int | None = None
+    ) -> None:
         self.minimum = minimum
+        self.maximum = maximum
         self.nullable = nullable
-        self.accepted = f"a whole number >= {minimum}"
+        self.accepted = (
+            f"a whole number >= {minimum}"
+            if maximum is None
+            else f"a whole number from {minimum} to {maximum}"
+        )
 
     def parse(self, value: Any) -> int:
         if isinstance(value, bool) or (
@@ -166,6 +209,8 @@ class Integer(OptionType):
             raise ValueError("not a whole number") from None
         if number < self.minimum:
             raise ValueError(f"must be >= {self.minimum}")
+        if self.maximum is not None and number > self.maximum:
+            raise ValueError(f"must be <= {self.maximum}")
         return number
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from catalog._text import escape_control
+
 __all__ = ["local_status", "status", "status_text"]
 
 NOT_INSTALLED = "catalog is not installed on this server"
@@ -105,4 +107,5 @@ def status_text(data: dict) -> str:
         server("worker", address, info)
     for address, info in data.get("nannies", {}).items():
         server("nanny", address, info)
-    return "\n".join(lines)
+    # Errors and option values can carry a task's or a worker's text.
+    return "\n".join(escape_control(line) for line in lines)

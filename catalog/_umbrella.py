@@ -38,6 +38,9 @@ def umbrella_preload(
         if given:
             return entry_names(given, list(entries), "--enable")
         configured = dask.config.get("catalog.enable", default=[]) or []
+        if isinstance(configured, str):
+            # DASK_CATALOG__ENABLE=metrics,tracer arrives as one string.
+            configured = [configured]
         return entry_names(configured, list(entries), "config catalog.enable")
 
     def check(params: dict[str, Any]) -> None:

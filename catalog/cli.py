@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
+from typing import Any
 
 import click
 
 from catalog import ENTRY_MODULES
 from catalog._entry import Entry
+from catalog._options import Duration
 from catalog.tracer import trace_cli
 
 __all__ = ["main"]
@@ -92,11 +94,39 @@ def show(entry: str) -> None:
     click.echo(show_text(entry))
 
 
+class SchedulerAddress(click.ParamType):
+    """A scheduler address as distributed reads it: ``[scheme://]host:port``."""
+
+    name = "address"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from distributed.comm import get_address_host_port
+
+        try:
+            _, port = get_address_host_port(str(value))
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} is out of range")
+        except ValueError as exc:
+            self.fail(
+                f"{value!r} ({exc}); accepted: an address such as "
+                "tcp://127.0.0.1:8786 or 127.0.0.1:8786",
+                param,
+                ctx,
+            )
+        return str(value)
+
+
 @main.command("status")
-@click.argument("address")
+@click.argument("address", type=SchedulerAddress())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--timeout", default="10s", show_default=True, help="Connection timeout.")
-def status_command(address: str, as_json: bool, timeout: str) -> None:
+@click.option(
+    "--timeout",
+    type=Duration(),
+    default="10s",
+    show_default=True,
+    help="Connection timeout, such as 10s or 1m.",
+)
+def status_command(address: str, as_json: bool, timeout: float) -> None:
     """Which entries are active on the scheduler at ADDRESS and on its workers."""
     from distributed import Client
 
@@ -104,7 +134,7 @@ def status_command(address: str, as_json: bool, timeout: str) -> None:
 
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
-    except (OSError, TimeoutError) as exc:
+    except Exception as exc:  # unreachable, refused, not a scheduler, ...
         raise click.ClickException(
             f"cannot reach the scheduler at {address}: {exc}"
         ) from None

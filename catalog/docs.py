@@ -41,12 +41,12 @@ def options_table(name: str) -> str:
 def config_reference() -> str:
     """Every config key of the catalog, for docs/reference/config.md."""
     import catalog
+    from catalog._config import GLOBAL_DEFAULTS
 
-    parts = [
-        "| key | default |",
-        "|---|---|",
-        "| `catalog.strict` | `true` |",
-        "| `catalog.enable` | `[]` |",
+    parts = ["| key | default |", "|---|---|"]
+    parts += [
+        f"| `catalog.{key}` | `{_cell(json.dumps(value))}` |"
+        for key, value in GLOBAL_DEFAULTS.items()
     ]
     for module in catalog.entry_modules():
         entry = module.dask_setup.entry

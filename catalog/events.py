@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -12,7 +11,7 @@ from typing import Any
 from catalog._entry import Entry, Option, SchedulerEntryPlugin, entry_preload
 from catalog._options import Integer, RotateSize, Text
 from catalog._prom import families_for
-from catalog._runtime import JsonLinesFile, prefix_of
+from catalog._runtime import MAX_BACKUPS, JsonLinesFile, prefix_of
 
 __all__ = ["ENTRY", "EVENTS", "EventLog", "dask_setup", "dask_teardown"]
 
@@ -78,7 +77,7 @@ ENTRY = Entry(
         ),
         Option(
             "backups",
-            Integer(0),
+            Integer(0, maximum=MAX_BACKUPS),
             5,
             "How many rotated files to keep, as FILE.1 ... FILE.N.",
         ),
@@ -136,20 +135,34 @@ def reason_of(stimulus_id: str) -> str:
     return _STIMULUS_TIME.sub("", stimulus_id or "") or "unknown"
 
 
-def exception_of(kwargs: dict[str, Any]) -> str | None:
-    """The text of the exception a scheduler transition carries."""
+def exception_of(
+    kwargs: dict[str, Any], ts: Any = None, allowed: int = 0
+) -> str | None:
+    """The text of the exception a scheduler transition carries, never unpickled.
+
+    A worker sends its exception pickled with its text beside it; the text is
+    all this reads (unpickling a worker's bytes would run its code on the
+    scheduler, whatever ``distributed.scheduler.pickle`` says). The one error
+    without a text is the scheduler's own ``KilledWorker``, recognised from the
+    task's state: more suspicious deaths than ``allowed`` failures.
+
+    Args:
+        kwargs: the transition's keyword arguments.
+        ts: the scheduler's TaskState of the key, if it still has one.
+        allowed: the scheduler's ``allowed_failures``.
+    """
     text = kwargs.get("exception_text")
     if text:
         return str(text)
-    exc = kwargs.get("exception")
-    if isinstance(exc, bytes):
-        # Made by the scheduler itself (KilledWorker), not by user code.
-        try:
-            obj = pickle.loads(exc)
-        except Exception:
-            return None
-        return f"{type(obj).__name__}: {obj}"
-    return None
+    if kwargs.get("exception") is None:
+        return None
+    suspicious = getattr(ts, "suspicious", 0) or 0
+    if suspicious > allowed:
+        return (
+            f"KilledWorker: {suspicious} workers died while running the task; "
+            f"the last was {kwargs.get('worker')}"
+        )
+    return "an exception without its text (not unpickled)"
 
 
 class EventLog(SchedulerEntryPlugin):
@@ -300,7 +313,11 @@ class EventLog(SchedulerEntryPlugin):
                     "task-erred",
                     key=plain(key),
                     prefix=prefix_of(key),
-                    exception=exception_of(kwargs),
+                    exception=exception_of(
+                        kwargs,
+                        self.server.tasks.get(key),
+                        self.server.allowed_failures,
+                    ),
                     worker=kwargs.get("worker"),
                 )
         elif (
@@ -368,7 +385,12 @@ class EventLog(SchedulerEntryPlugin):
         out = super().status()
         file = getattr(self, "_file", None)
         if file is not None:
-            out.update(file=file.path, written=file.written, dropped=file.dropped)
+            out.update(
+                file=file.path,
+                written=file.written,
+                buffered=file.buffered,
+                dropped=file.dropped,
+            )
         return out
 
 

@@ -27,7 +27,13 @@ from catalog._entry import (
     role_of,
 )
 from catalog._options import Choice, Integer, LogLevel, NameValue, RotateSize, Text
-from catalog._runtime import prefix_of, safe_filename
+from catalog._runtime import (
+    MAX_BACKUPS,
+    expand_path,
+    open_private,
+    prefix_of,
+    safe_filename,
+)
 
 __all__ = [
     "ENTRY",
@@ -151,7 +157,7 @@ ENTRY = Entry(
         ),
         Option(
             "backups",
-            Integer(0),
+            Integer(0, maximum=MAX_BACKUPS),
             5,
             "How many rotated files to keep.",
         ),
@@ -324,7 +330,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """A RotatingFileHandler whose files are readable by their owner only."""
 
     def _open(self) -> Any:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_private(self.baseFilename, os.O_WRONLY | os.O_APPEND)
         return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
 
 
@@ -347,7 +353,7 @@ class _Pipeline:
         self.structlog_config: dict[str, Any] | None = None
         if settings.file:
             role = role_of(first)
-            path = os.path.expanduser(
+            path = expand_path(
                 settings.file.format(
                     role=role,
                     pid=os.getpid(),

@@ -90,7 +90,7 @@ ENTRY = Entry(
         ),
         Option(
             "interval",
-            Duration(),
+            Duration(minimum="1ms", maximum="1h"),
             "50ms",
             "How often the worker's memory is sampled.",
         ),

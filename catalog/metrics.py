@@ -167,7 +167,7 @@ ENTRY = Entry(
         ),
         Option(
             "push-interval",
-            Duration(),
+            Duration(minimum="10ms", maximum="1d"),
             "15s",
             "Time between pushes to the Pushgateway (a final push happens at "
             "teardown).",

@@ -24,7 +24,14 @@ from catalog._entry import (
 )
 from catalog._options import Choice, Duration, Integer, Text
 from catalog._prom import add_collector, remove_collector
-from catalog._runtime import JsonLinesFile, json_line, prefix_of, safe_filename
+from catalog._runtime import (
+    JsonLinesFile,
+    json_line,
+    open_private,
+    prefix_of,
+    private_dir,
+    safe_filename,
+)
 
 __all__ = [
     "ENTRY",
@@ -67,11 +74,11 @@ ENTRY = Entry(
             Text("a directory path"),
             None,
             "Directory where each server appends its events as JSON lines to "
-            "<server-id>.jsonl (created 0o600).",
+            "<server-id>.jsonl (files 0o600, a new directory 0o700).",
         ),
         Option(
             "flush-interval",
-            Duration(),
+            Duration(minimum="1ms", maximum="1h"),
             "1s",
             "How often the JSON-lines file of the dir form is written.",
         ),
@@ -86,7 +93,7 @@ ENTRY = Entry(
     ],
     examples=[
         "dask worker tcp://127.0.0.1:8786 --preload catalog.tracer "
-        "--tracer-dir /tmp/trace",
+        "--tracer-dir ~/dask-trace",
     ],
 )
 
@@ -130,8 +137,7 @@ class _Recorder:
         self.address = str(getattr(server, "address", "") or "")
         self.pid = os.getpid()
         if s.dir:
-            os.makedirs(s.dir, exist_ok=True)
-            path = os.path.join(s.dir, self.file_name())
+            path = os.path.join(private_dir(s.dir), self.file_name())
             self._pending = deque()
             self._file = _TraceFile(
                 path,
@@ -547,21 +553,45 @@ def _save_summary(path: str, sources: list[dict], trace: dict) -> dict[str, Any]
 
 
 def _write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, separators=(",", ":"), default=str)
+
+
+#: The fields a record of the dir form needs to be merged, by record type.
+_NUMBER = (int, float)
+_REQUIRED_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "span": {"start": _NUMBER, "stop": _NUMBER},
+    "transition": {"time": _NUMBER, "key": (str,), "start": (str,), "finish": (str,)},
+}
+
+
+def _record_problem(event: Mapping[str, Any]) -> str | None:
+    """What a span or transition record lacks, or None when it can be merged."""
+    kind = event.get("type")
+    for name, types in _REQUIRED_FIELDS.get(str(kind), {}).items():
+        value = event.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            what = "a number" if types is _NUMBER else "text"
+            return f"a {kind} record needs {name!r} ({what}), got {value!r}"
+    return None
 
 
 def read_dir(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read the ``*.jsonl`` files of the dir form into sources, like :func:`fetch`.
 
-    A truncated last line (a server killed mid-write) is skipped.
+    A line that is not JSON (a server killed mid-write truncates its last
+    line) is skipped.
+
+    Raises:
+        ValueError: a span or transition record lacks a field, naming the
+            file and the line.
     """
     sources = []
     for path in sorted(glob.glob(os.path.join(os.fspath(directory), "*.jsonl"))):
         source: dict[str, Any] = {"role": "worker", "address": path, "events": []}
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 try:
                     event = json.loads(line)
                 except ValueError:
@@ -570,8 +600,12 @@ def read_dir(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
                     continue
                 if event.get("type") == "process":
                     source.update({k: v for k, v in event.items() if k != "type"})
-                else:
-                    source["events"].append(event)
+                    continue
+                problem = _record_problem(event)
+                if problem is not None:
+                    msg = f"{path}, line {number}: {problem}"
+                    raise ValueError(msg)
+                source["events"].append(event)
         source["recorded"] = len(source["events"])
         sources.append(source)
     return sources
@@ -735,11 +769,28 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
 
 
 def summarize(trace: Mapping[str, Any], kind: str = "compute") -> dict[str, dict]:
-    """Per prefix: count, total, mean, p50, p95, max (seconds) of ``kind`` spans."""
+    """Per prefix: count, total, mean, p50, p95, max (seconds) of ``kind`` spans.
+
+    Raises:
+        ValueError: ``trace`` is not a Chrome trace (an object whose
+            ``traceEvents`` is a list of objects, complete events with a
+            ``name`` and a numeric ``dur``).
+    """
+    events = trace.get("traceEvents") if isinstance(trace, Mapping) else None
+    if not isinstance(events, list):
+        msg = 'expected a JSON object with a "traceEvents" list'
+        raise ValueError(msg)
     durations: dict[str, list[float]] = {}
-    for e in trace.get("traceEvents", ()):
+    for index, e in enumerate(events):
+        if not isinstance(e, Mapping):
+            msg = f"traceEvents[{index}] is not an object: {e!r}"
+            raise ValueError(msg)
         if e.get("ph") == "X" and e.get("cat") == kind:
-            durations.setdefault(e["name"], []).append(e["dur"] / 1e6)
+            dur = e.get("dur")
+            if not isinstance(dur, _NUMBER) or isinstance(dur, bool):
+                msg = f"traceEvents[{index}] has no numeric 'dur': {e!r}"
+                raise ValueError(msg)
+            durations.setdefault(str(e.get("name")), []).append(dur / 1e6)
     out = {}
     for prefix, values in sorted(durations.items()):
         values.sort()
@@ -774,7 +825,10 @@ trace_cli = click.Group(
 )
 def merge_command(directory: str, output: str) -> None:
     """Merge the JSON-lines files of DIRECTORY into one Chrome / Perfetto trace."""
-    sources = read_dir(directory)
+    try:
+        sources = read_dir(directory)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'DIRECTORY'") from None
     if not sources:
         raise click.ClickException(f"no *.jsonl files in {directory}")
     trace = chrome_trace(sources)
@@ -800,9 +854,11 @@ def summary_command(file: str, kind: str, as_json: bool) -> None:
     try:
         with open(file, encoding="utf-8") as f:
             trace = json.load(f)
-    except ValueError as exc:
-        raise click.ClickException(f"{file} is not a JSON trace: {exc}") from None
-    rows = summarize(trace, kind=kind)
+        rows = summarize(trace, kind=kind)
+    except ValueError as exc:  # not JSON, not UTF-8, or not a trace
+        raise click.BadParameter(
+            f"{file} is not a Chrome trace: {exc}", param_hint="'FILE'"
+        ) from None
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

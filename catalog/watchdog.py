@@ -71,7 +71,7 @@ ENTRY = Entry(
         ),
         Option(
             "interval",
-            Duration(),
+            Duration(minimum="1ms", maximum="1h"),
             "1s",
             "How often the running tasks are checked.",
         ),

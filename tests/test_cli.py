@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 import catalog
@@ -60,3 +62,78 @@ def test_dask_cli_entry_point_and_python_m_agree():
     assert via_module.returncode == 0, via_module.stderr
     assert via_dask.stdout == via_module.stdout
     assert "tracer" in via_dask.stdout
+
+
+def run_catalog(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real `python -m catalog ...`, as a user types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "catalog", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit 2, an `Error:` line with ``words``, and no traceback."""
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, out
+    for word in words:
+        assert word in errors[0], out
+    assert "Traceback" not in out, out
+
+
+def test_status_bad_timeout_is_a_usage_error():
+    result = run_catalog("status", "tcp://127.0.0.1:1", "--timeout", "foo")
+    assert_usage_error(result, "'--timeout'", "'foo'", "duration")
+
+
+@pytest.mark.parametrize(
+    ("address", "words"),
+    [
+        ("foo", "missing port"),
+        ("ftp://127.0.0.1:1", "unknown address scheme"),
+        ("127.0.0.1:notaport", "notaport"),
+        ("tcp://127.0.0.1:99999", "out of range"),
+    ],
+)
+def test_status_malformed_address_is_a_usage_error(address, words):
+    result = run_catalog("status", address, "--timeout", "2s")
+    assert_usage_error(result, "'ADDRESS'", repr(address), words)
+
+
+def test_status_unreachable_scheduler_is_one_error_line():
+    result = run_catalog("status", "tcp://127.0.0.1:1", "--timeout", "1s")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert out.startswith("Error: cannot reach the scheduler at tcp://127.0.0.1:1")
+    assert "Traceback" not in out, out
+
+
+def test_trace_merge_names_the_file_and_line_of_a_bad_record(tmp_path):
+    good = {"type": "span", "kind": "compute", "key": "a-1", "start": 1, "stop": 2}
+    lines = [{"type": "process", "role": "worker", "address": "w"}, good]
+    lines.append({"type": "span", "kind": "compute", "key": "a-2", "start": 3})
+    (tmp_path / "w.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = run_catalog("trace", "merge", str(tmp_path), "-o", str(tmp_path / "t"))
+    assert_usage_error(result, "'DIRECTORY'", "w.jsonl, line 3", "'stop'")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[1, 2]", "traceEvents"),
+        ('{"traceEvents": 5}', "traceEvents"),
+        ('{"traceEvents": [7]}', "traceEvents[0]"),
+        ('{"traceEvents": [{"ph": "X", "cat": "compute", "name": "a"}]}', "'dur'"),
+        ("not json", "Expecting value"),
+    ],
+)
+def test_trace_summary_refuses_what_is_not_a_trace(tmp_path, text, words):
+    path = tmp_path / "trace.json"
+    path.write_text(text)
+    result = run_catalog("trace", "summary", str(path))
+    assert_usage_error(result, "'FILE'", "not a Chrome trace", words)

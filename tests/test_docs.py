@@ -162,7 +162,7 @@ def test_yaml_config_examples_are_valid(name, section):
     for key, value in section.items():
         if key == "enable":
             assert set(iter_entries(value)) <= set(entries), f"{name}: {value}"
-        elif key == "strict":
+        elif key in ("strict", "follow-symlinks"):
             assert isinstance(value, bool), name
         else:
             assert key in entries, f"{name}: unknown entry {key!r}"
