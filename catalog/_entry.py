@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -19,6 +20,7 @@ from distributed import Client, Nanny, Scheduler, Worker
 from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
 
 from catalog._options import OptionType
+from catalog._secrets import MASK, mask, mask_text
 
 __all__ = [
     "Entry",
@@ -34,9 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("catalog")
-
-SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
-MASK = "****"
 
 
 class OptionError(ValueError):
@@ -57,7 +56,9 @@ class Option:
         default: the built-in default, as written in ``catalog.yaml``.
         help: one sentence for ``--help``, ``dask catalog show`` and the docs.
         multiple: a list; repeatable on the CLI.
-        secret: values are masked in logs and ``dask catalog status``.
+        secret: a password or token: its value is never shown (``****`` in
+            repr, logs, errors and ``dask catalog status``), and the docs table
+            and ``dask catalog show`` say so.
     """
 
     name: str
@@ -66,6 +67,13 @@ class Option:
     help: str
     multiple: bool = False
     secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.secret and not self.type.secret:
+            # The type builds the CLI's error messages too: its own copy knows.
+            secret_type = copy.copy(self.type)
+            secret_type.secret = True
+            object.__setattr__(self, "type", secret_type)
 
     @property
     def keyword(self) -> str:
@@ -80,7 +88,8 @@ class Option:
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, list | tuple):
                 accepted = f"a list of {self.type.describe()}"
-                msg = f"invalid value for {where}: {value!r}; accepted: {accepted}"
+                shown = self.type.shown(value)
+                msg = f"invalid value for {where}: {shown}; accepted: {accepted}"
                 raise OptionError(msg)
             return tuple(self._parse_one(v, where) for v in items)
         return self._parse_one(value, where)
@@ -172,7 +181,9 @@ class Entry:
             if opt.secret and value:
                 value = MASK
             elif opt.multiple and value:
-                value = [mask_assignment(v) if isinstance(v, str) else v for v in value]
+                value = [mask(v) for v in value]
+            else:
+                value = mask(value)
             shown[opt.keyword] = value
         return shown
 
@@ -203,19 +214,6 @@ class Entry:
             if value is not None and value != ():
                 given[opt.keyword] = value
         return given
-
-
-def mask_assignment(text: str) -> str:
-    """``NAME=value`` with the value hidden when NAME looks secret."""
-    name, sep, _ = text.partition("=")
-    if sep and looks_secret(name):
-        return f"{name}={MASK}"
-    return text
-
-
-def looks_secret(name: str) -> bool:
-    upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS)
 
 
 # ---------------------------------------------------------------------------
@@ -367,7 +365,7 @@ class EntryPlugin:
             self.on_setup(server)
         except Exception as exc:
             cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            msg = (
+            msg = mask_text(
                 f"catalog entry {self.entry.name!r} could not set up on "
                 f"{self.role} {address_of(server)}: {cause}"
             )
@@ -416,7 +414,7 @@ class EntryPlugin:
         """Record a run-time error: one ERROR log line per entry, then counts only."""
         cause = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         self.errors += 1
-        self.last_error = f"{what}: {cause}"
+        self.last_error = mask_text(f"{what}: {cause}")
         if self.errors == 1:
             logger.error(
                 "catalog entry %r: %s (further errors are counted, not logged; "

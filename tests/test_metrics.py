@@ -112,7 +112,14 @@ def test_entry_shape():
         "max-prefixes",
         "port",
         "host",
+        "port-certfile",
+        "port-keyfile",
+        "port-username",
+        "port-password",
         "pushgateway",
+        "pushgateway-username",
+        "pushgateway-password",
+        "pushgateway-cafile",
         "push-interval",
     ]
     assert dask_setup.entry is ENTRY
