@@ -53,6 +53,9 @@ class _Handler(WSGIRequestHandler):
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    # A burst of connections waits in the kernel, not refused, while the
+    # accept loop closes those over the cap.
+    request_queue_size = 128
 
     def __init__(
         self,
