@@ -39,8 +39,7 @@ class _Handler(WSGIRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout  # StreamRequestHandler applies it
-        self.request.settimeout(self.timeout)
+        self.request.settimeout(self.server.timeout)
         if isinstance(self.request, ssl.SSLSocket):
             # Deferred from accept() (see MetricsServer): a client that
             # connects and says nothing holds this thread only, for `timeout`.
