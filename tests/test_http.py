@@ -26,6 +26,7 @@ from catalog._entry import EntrySetupError, OptionError
 from catalog._http import MetricsServer
 from catalog.metrics import Metrics
 from tests.procs import LOOPBACK
+from tests.test_metrics import wait_until
 
 # -- helpers -------------------------------------------------------------------
 
@@ -56,21 +57,6 @@ def address_of(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def eventually(func, timeout: float = 30, why=lambda: ""):
-    """``func()`` once it stops raising OSError / returning falsy; fail after."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = func()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s {why()}")
-        time.sleep(0.05)
-
-
 # -- the server alone ----------------------------------------------------------------
 
 
@@ -91,7 +77,7 @@ def test_silent_connections_time_out_and_free_their_slot():
     try:
         # Both slots are taken by clients that say nothing; the server hangs
         # up on them after its timeout, and a scrape gets through again.
-        text = eventually(lambda: get(server.url, timeout=5))
+        text = wait_until(lambda: get(server.url, timeout=5), timeout=30, interval=0.05)
         assert "catalog_test_things_total" in text
         for sock in silent:
             sock.settimeout(10)
@@ -107,12 +93,17 @@ def test_over_the_cap_connections_are_closed_without_a_thread():
     before = threading.active_count()
     socks = [socket.create_connection(address_of(server.url)) for _ in range(50)]
     try:
-        eventually(lambda: server.rejected >= 47, why=lambda: f"{server.rejected=}")
+        wait_until(
+            lambda: server.rejected >= 47,
+            timeout=30,
+            interval=0.05,
+            why=lambda: f"{server.rejected=}",
+        )
         assert threading.active_count() - before <= 3
     finally:
         for sock in socks:
             sock.close()
-    assert "catalog_test_things_total" in eventually(lambda: get(server.url))
+    assert "catalog_test_things_total" in wait_until(lambda: get(server.url), 30, 0.05)
     server.close()
 
 
@@ -189,7 +180,7 @@ async def test_idle_connections_do_not_take_a_thread_each(c, s, a):
             sock.close()
 
     def scrape():
-        return eventually(lambda: get(url))
+        return wait_until(lambda: get(url), timeout=30, interval=0.05)
 
     assert "dask_catalog_" in await asyncio.to_thread(scrape)
     await c.unregister_worker_plugin(Metrics.name)
