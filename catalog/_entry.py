@@ -126,6 +126,9 @@ class Entry:
     #: (as DESIGN.md asks) besides any client half; env acts on the client alone,
     #: since a cluster-wide registration would restart every worker.
     client_registers_cluster: bool = True
+    #: Checks options that only make sense together (raises OptionError); run by
+    #: ``resolve`` and, as a usage error, when a command line is parsed.
+    check: Callable[[Settings], None] | None = None
     _by_keyword: dict[str, Option] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -149,12 +152,15 @@ class Entry:
         return self._by_keyword[name.replace("-", "_")]
 
     # -- resolution ---------------------------------------------------------
-    def resolve(self, given: Mapping[str, Any], owner: str = "") -> Settings:
+    def resolve(
+        self, given: Mapping[str, Any], owner: str = "", checked: bool = True
+    ) -> Settings:
         """Explicit values win over dask config, which wins over the defaults.
 
         Args:
             given: keyword arguments passed in Python or parsed from the CLI.
             owner: the class name, for error messages about unknown keywords.
+            checked: run the entry's ``check`` on the result.
         """
         unknown = sorted(set(given) - set(self._by_keyword))
         if unknown:
@@ -171,7 +177,23 @@ class Entry:
                 value = dask.config.get(self.config_key(opt), default=opt.default)
                 where = f"config {self.config_key(opt)}"
             values[opt.keyword] = opt.parse(value, where)
-        return Settings(**values)
+        settings = Settings(**values)
+        if checked and self.check is not None:
+            self.check(settings)
+        return settings
+
+    def check_command_line(self, params: Mapping[str, Any]) -> None:
+        """Run ``check`` on parsed CLI params: a click usage error (exit 2)."""
+        if self.check is None:
+            return
+        try:
+            settings = self.resolve(self.given_from_params(params), checked=False)
+        except (OptionError, TypeError):
+            return  # a bad config value: refused at setup, naming its key
+        try:
+            self.check(settings)
+        except OptionError as exc:
+            raise click.UsageError(str(exc)) from None
 
     def masked(self, settings: Settings) -> dict[str, Any]:
         """Settings for logs and status, with secret values hidden."""
@@ -753,6 +775,7 @@ def entry_preload(
         "dask_setup",
         params=entry.click_options(),
         callback=callback,
+        check=entry.check_command_line,
         help=f"catalog.{entry.name}: {entry.summary}",
     )
     command.entry = entry  # type: ignore[attr-defined]

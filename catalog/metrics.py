@@ -117,6 +117,50 @@ class Url(Text):
         return text
 
 
+def _check_transport(settings: Any) -> None:
+    """Options of the port and the Pushgateway that only make sense together."""
+
+    def flag(name: str) -> str:
+        return ENTRY.flag(ENTRY.option(name))
+
+    problems = []
+    for needs, given in (
+        ("port", ("port-certfile", "port-keyfile", "port-username", "port-password")),
+        (
+            "pushgateway",
+            ("pushgateway-username", "pushgateway-password", "pushgateway-cafile"),
+        ),
+    ):
+        for name in given:
+            if getattr(settings, ENTRY.option(name).keyword) is not None and (
+                getattr(settings, needs) is None
+            ):
+                problems.append(f"{flag(name)} needs {flag(needs)}")
+    if settings.port_keyfile is not None and settings.port_certfile is None:
+        problems.append(f"{flag('port-keyfile')} needs {flag('port-certfile')}")
+    for prefix in ("port", "pushgateway"):
+        user = getattr(settings, f"{prefix}_username")
+        password = getattr(settings, f"{prefix}_password")
+        if (user is None) != (password is None):
+            problems.append(
+                f"{flag(prefix + '-username')} and {flag(prefix + '-password')} "
+                "go together"
+            )
+    gateway = settings.pushgateway
+    if gateway is not None:
+        parts = urlsplit(gateway)
+        if parts.username is not None and settings.pushgateway_username is not None:
+            problems.append(
+                f"credentials in {flag('pushgateway')} and "
+                f"{flag('pushgateway-username')}: give them once"
+            )
+        if settings.pushgateway_cafile is not None and parts.scheme != "https":
+            problems.append(f"{flag('pushgateway-cafile')} needs an https URL")
+    if problems:
+        msg = "invalid metrics options: " + "; ".join(dict.fromkeys(problems))
+        raise OptionError(msg)
+
+
 ENTRY = Entry(
     name="metrics",
     summary=(
@@ -235,6 +279,7 @@ ENTRY = Entry(
         "--metrics-port 9100 --metrics-host 0.0.0.0",
         "dask scheduler --preload catalog.metrics --metrics-max-prefixes 50",
     ],
+    check=_check_transport,
 )
 
 
@@ -387,60 +432,12 @@ class _PushHandler:
         return handle
 
 
-def _check_transport(settings: Any) -> None:
-    """Options of the port and the Pushgateway that only make sense together."""
-
-    def flag(name: str) -> str:
-        return ENTRY.flag(ENTRY.option(name))
-
-    problems = []
-    for needs, given in (
-        ("port", ("port-certfile", "port-keyfile", "port-username", "port-password")),
-        (
-            "pushgateway",
-            ("pushgateway-username", "pushgateway-password", "pushgateway-cafile"),
-        ),
-    ):
-        for name in given:
-            if getattr(settings, ENTRY.option(name).keyword) is not None and (
-                getattr(settings, needs) is None
-            ):
-                problems.append(f"{flag(name)} needs {flag(needs)}")
-    if settings.port_keyfile is not None and settings.port_certfile is None:
-        problems.append(f"{flag('port-keyfile')} needs {flag('port-certfile')}")
-    for prefix in ("port", "pushgateway"):
-        user = getattr(settings, f"{prefix}_username")
-        password = getattr(settings, f"{prefix}_password")
-        if (user is None) != (password is None):
-            problems.append(
-                f"{flag(prefix + '-username')} and {flag(prefix + '-password')} "
-                "go together"
-            )
-    gateway = settings.pushgateway
-    if gateway is not None:
-        parts = urlsplit(gateway)
-        if parts.username is not None and settings.pushgateway_username is not None:
-            problems.append(
-                f"credentials in {flag('pushgateway')} and "
-                f"{flag('pushgateway-username')}: give them once"
-            )
-        if settings.pushgateway_cafile is not None and parts.scheme != "https":
-            problems.append(f"{flag('pushgateway-cafile')} needs an https URL")
-    if problems:
-        msg = "invalid metrics options: " + "; ".join(dict.fromkeys(problems))
-        raise OptionError(msg)
-
-
 class _MetricsBase:
     """What the worker and scheduler halves share: families, port, pusher."""
 
     settings: Any
     fam: _prom.Families | None
     exporter: _Exporter | None
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)  # type: ignore[call-arg]
-        _check_transport(self.settings)
 
     def _start_families(self, server: Any, labels: dict[str, str]) -> _prom.Families:
         s = self.settings

@@ -12,11 +12,13 @@ import base64
 import logging
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 
+import click
 import pytest
 from distributed.utils_test import captured_logger, gen_cluster
 from prometheus_client import CollectorRegistry, Counter
@@ -25,7 +27,7 @@ from catalog import _http
 from catalog._entry import EntrySetupError, OptionError
 from catalog._http import MetricsServer
 from catalog.metrics import Metrics
-from tests.procs import LOOPBACK
+from tests.procs import LOOPBACK, worker_command
 from tests.test_metrics import wait_until
 
 # -- helpers -------------------------------------------------------------------
@@ -256,3 +258,39 @@ def test_transport_options_that_go_together(options, problem):
     with pytest.raises(OptionError, match=problem) as info:
         Metrics(**options)
     assert "'p'" not in str(info.value) and "u:p@" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--preload", "catalog.metrics", "--metrics-port-password", "right-pw"],
+        [
+            *("--preload", "catalog", "--enable", "metrics"),
+            *("--metrics-port", "0", "--metrics-port-username", "scraper"),
+        ],
+    ],
+    ids=["entry", "umbrella"],
+)
+def test_cli_transport_options_that_go_together_are_a_usage_error(argv):
+    from distributed.cli.dask_worker import main
+
+    with pytest.raises(click.UsageError) as info:
+        main.make_context("dask worker", [f"tcp://{LOOPBACK}:1", *argv])
+    message = info.value.format_message()
+    assert "invalid metrics options" in message and "--metrics-port" in message
+    assert "right-pw" not in message
+
+
+@pytest.mark.slow
+def test_cli_worker_exits_2_on_options_that_go_together():
+    result = subprocess.run(
+        [
+            *worker_command(f"tcp://{LOOPBACK}:1"),
+            *("--preload", "catalog.metrics", "--metrics-port-username", "scraper"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--metrics-port-username needs --metrics-port" in result.stderr
