@@ -156,7 +156,12 @@ class MetricsServer:
         if certfile is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(certfile, keyfile)
+            try:
+                context.load_cert_chain(certfile, keyfile)
+            except OSError as exc:  # ssl.SSLError too; neither names the file
+                files = certfile + (f" and {keyfile}" if keyfile else "")
+                msg = f"cannot load the certificate {files}: {exc.strerror or exc}"
+                raise OSError(msg) from exc
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         self.httpd = _Server((host, port), family, timeout, max_connections)
         app = make_wsgi_app(registry)

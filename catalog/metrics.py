@@ -313,9 +313,10 @@ class _Exporter:
                     password=s.port_password,
                 )
             except OSError as exc:
-                msg = (
-                    f"cannot serve metrics on {s.host}:{s.port} (--metrics-port): {exc}"
+                flags = "--metrics-port" + (
+                    ", --metrics-port-certfile" if s.port_certfile else ""
                 )
+                msg = f"cannot serve metrics on {s.host}:{s.port} ({flags}): {exc}"
                 raise OSError(msg) from exc
             self.url = self.http.url
             logger.info("serving metrics of %s on %s", self.instance, self.url)
@@ -323,7 +324,14 @@ class _Exporter:
                 _warn_cleartext("--metrics-port-username", self.url)
         if s.pushgateway is not None:
             self.gateway, username, password = _push_credentials(s)
-            self.handler = _PushHandler(username, password, s.pushgateway_cafile)
+            try:
+                self.handler = _PushHandler(username, password, s.pushgateway_cafile)
+            except OSError as exc:  # ssl.SSLError too
+                msg = (
+                    f"cannot load {s.pushgateway_cafile} "
+                    f"(--metrics-pushgateway-cafile): {exc.strerror or exc}"
+                )
+                raise OSError(msg) from exc
             if username is not None and urlsplit(self.gateway).scheme == "http":
                 _warn_cleartext("the Pushgateway's credentials", self.gateway)
             self.pusher = threading.Thread(

@@ -228,8 +228,14 @@ async def test_unreadable_certificate_is_a_setup_failure(c, s, a):
     missing = "/nonexistent/catalog-test/cert.pem"
     with pytest.raises(EntrySetupError, match="--metrics-port") as info:
         await c.register_plugin(Metrics(port=0, port_certfile=missing))
-    assert "could not set up" in str(info.value)
+    assert "could not set up" in str(info.value) and missing in str(info.value)
     assert not a.plugins[Metrics.name].active
+    await c.unregister_worker_plugin(Metrics.name)
+    with pytest.raises(EntrySetupError, match="--metrics-pushgateway-cafile") as info:
+        await c.register_plugin(
+            Metrics(pushgateway="https://127.0.0.1:1", pushgateway_cafile=missing)
+        )
+    assert missing in str(info.value)
 
 
 @pytest.mark.parametrize(
