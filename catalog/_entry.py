@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -20,6 +21,7 @@ from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerP
 
 from catalog._config import ENTRY_NAMES, unknown_keys
 from catalog._options import OptionType
+from catalog._secrets import MASK, mask, mask_text
 
 __all__ = [
     "Entry",
@@ -35,9 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("catalog")
-
-SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
-MASK = "****"
 
 
 #: Config-key warnings already given in this process (each is given once).
@@ -62,7 +61,9 @@ class Option:
         default: the built-in default, as written in ``catalog.yaml``.
         help: one sentence for ``--help``, ``dask catalog show`` and the docs.
         multiple: a list; repeatable on the CLI.
-        secret: values are masked in logs and ``dask catalog status``.
+        secret: a password or token: its value is never shown (``****`` in
+            repr, logs, errors and ``dask catalog status``), and the docs table
+            and ``dask catalog show`` say so.
     """
 
     name: str
@@ -71,6 +72,13 @@ class Option:
     help: str
     multiple: bool = False
     secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.secret and not self.type.secret:
+            # The type builds the CLI's error messages too: its own copy knows.
+            secret_type = copy.copy(self.type)
+            secret_type.secret = True
+            object.__setattr__(self, "type", secret_type)
 
     @property
     def keyword(self) -> str:
@@ -85,7 +93,8 @@ class Option:
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, list | tuple):
                 accepted = f"a list of {self.type.describe()}"
-                msg = f"invalid value for {where}: {value!r}; accepted: {accepted}"
+                shown = self.type.shown(value)
+                msg = f"invalid value for {where}: {shown}; accepted: {accepted}"
                 raise OptionError(msg)
             return tuple(self._parse_one(v, where) for v in items)
         return self._parse_one(value, where)
@@ -122,6 +131,9 @@ class Entry:
     #: (as DESIGN.md asks) besides any client half; env acts on the client alone,
     #: since a cluster-wide registration would restart every worker.
     client_registers_cluster: bool = True
+    #: Checks options that only make sense together (raises OptionError); run by
+    #: ``resolve`` and, as a usage error, when a command line is parsed.
+    check: Callable[[Settings], None] | None = None
     _by_keyword: dict[str, Option] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -146,12 +158,15 @@ class Entry:
         return self._by_keyword[name.replace("-", "_")]
 
     # -- resolution ---------------------------------------------------------
-    def resolve(self, given: Mapping[str, Any], owner: str = "") -> Settings:
+    def resolve(
+        self, given: Mapping[str, Any], owner: str = "", checked: bool = True
+    ) -> Settings:
         """Explicit values win over dask config, which wins over the defaults.
 
         Args:
             given: keyword arguments passed in Python or parsed from the CLI.
             owner: the class name, for error messages about unknown keywords.
+            checked: run the entry's ``check`` on the result.
         """
         unknown = sorted(set(given) - set(self._by_keyword))
         if unknown:
@@ -169,7 +184,23 @@ class Entry:
                 value = dask.config.get(self.config_key(opt), default=opt.default)
                 where = f"config {self.config_key(opt)}"
             values[opt.keyword] = opt.parse(value, where)
-        return Settings(**values)
+        settings = Settings(**values)
+        if checked and self.check is not None:
+            self.check(settings)
+        return settings
+
+    def check_command_line(self, params: Mapping[str, Any]) -> None:
+        """Run ``check`` on parsed CLI params: a click usage error (exit 2)."""
+        if self.check is None:
+            return
+        try:
+            settings = self.resolve(self.given_from_params(params), checked=False)
+        except (OptionError, TypeError):
+            return  # a bad config value: refused at setup, naming its key
+        try:
+            self.check(settings)
+        except OptionError as exc:
+            raise click.UsageError(str(exc)) from None
 
     def check_config_keys(self) -> None:
         """Refuse (``catalog.strict``) or warn once about misspelt config keys.
@@ -195,7 +226,9 @@ class Entry:
             if opt.secret and value:
                 value = MASK
             elif opt.multiple and value:
-                value = [mask_assignment(v) if isinstance(v, str) else v for v in value]
+                value = [mask(v) for v in value]
+            else:
+                value = mask(value)
             shown[opt.keyword] = value
         return shown
 
@@ -226,19 +259,6 @@ class Entry:
             if value is not None and value != ():
                 given[opt.keyword] = value
         return given
-
-
-def mask_assignment(text: str) -> str:
-    """``NAME=value`` with the value hidden when NAME looks secret."""
-    name, sep, _ = text.partition("=")
-    if sep and looks_secret(name):
-        return f"{name}={MASK}"
-    return text
-
-
-def looks_secret(name: str) -> bool:
-    upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS)
 
 
 # ---------------------------------------------------------------------------
@@ -390,7 +410,7 @@ class EntryPlugin:
             self.on_setup(server)
         except Exception as exc:
             cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            msg = (
+            msg = mask_text(
                 f"catalog entry {self.entry.name!r} could not set up on "
                 f"{self.role} {address_of(server)}: {cause}"
             )
@@ -439,7 +459,7 @@ class EntryPlugin:
         """Record a run-time error: one ERROR log line per entry, then counts only."""
         cause = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         self.errors += 1
-        self.last_error = f"{what}: {cause}"
+        self.last_error = mask_text(f"{what}: {cause}")
         if self.errors == 1:
             logger.error(
                 "catalog entry %r: %s (further errors are counted, not logged; "
@@ -778,6 +798,7 @@ def entry_preload(
         "dask_setup",
         params=entry.click_options(),
         callback=callback,
+        check=entry.check_command_line,
         help=f"catalog.{entry.name}: {entry.summary}",
     )
     command.entry = entry  # type: ignore[attr-defined]

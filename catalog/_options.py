@@ -12,6 +12,8 @@ from typing import Any
 import click
 from dask.utils import parse_bytes, parse_timedelta
 
+from catalog._secrets import MASK, looks_secret, mask_text
+
 __all__ = [
     "Boolean",
     "Choice",
@@ -42,6 +44,9 @@ class OptionType(click.ParamType):
     accepted: str = ""
     #: Whether ``None`` (or "none" / "off") means "not set".
     nullable: bool = False
+    #: Whether values are secrets: a rejected value is never shown (``Option``
+    #: sets it on its own copy of the type when declared ``secret=True``).
+    secret: bool = False
 
     def parse(self, value: Any) -> Any:
         """Turn one value into its setting; raise ValueError with a short reason."""
@@ -55,8 +60,32 @@ class OptionType(click.ParamType):
         try:
             return self.parse(value)
         except Exception as exc:  # dask's parsers raise IndexError, KeyError, ...
-            reason = f" ({exc})" if str(exc) else ""
-            self.fail(f"{value!r}{reason}; accepted: {self.accepted}", param, ctx)
+            shown = self.shown(value, str(exc))
+            self.fail(f"{shown}; accepted: {self.accepted}", param, ctx)
+
+    def shown(self, value: Any, reason: str = "") -> str:
+        """A rejected value and why, for an error message, with secrets hidden.
+
+        A secret is never echoed, not even inside the parser's reason; a value of
+        the wrong shape (a mapping or list where one value belongs) shows only its
+        type, since its items may be secrets that no name marks as such.
+        """
+        if self.secret:
+            text = str(value)
+            if text and reason:
+                reason = reason.replace(repr(text), MASK).replace(text, MASK)
+            shown = MASK
+        elif isinstance(value, str):
+            shown = repr(self.mask_rejected(value))
+        elif value is None or isinstance(value, bool | int | float):
+            shown = repr(value)
+        else:
+            shown = f"a {type(value).__name__}"
+        return shown + (f" ({mask_text(reason)})" if reason else "")
+
+    def mask_rejected(self, text: str) -> str:
+        """A rejected string as an error message shows it."""
+        return mask_text(text)
 
     def describe(self) -> str:
         """Accepted values, with the 'none' spelling where it applies."""
@@ -310,6 +339,15 @@ class NameValue(OptionType):
         """Validate the two halves; subclasses narrow what is accepted."""
         if not ENV_NAME.match(name):
             raise ValueError(f"{name!r} is not a valid variable name")
+
+    def mask_rejected(self, text: str) -> str:
+        # "API_TOKEN hunter2" (a space for the '='): whatever follows a
+        # secret-looking name is hidden although no '=' marks it as a value.
+        lead = re.match(r"\s*[A-Za-z0-9_]*", text)
+        name = lead.group(0) if lead else ""
+        if name != text and "=" not in text and looks_secret(name):
+            return f"{name} {MASK}"
+        return mask_text(text)
 
 
 class FloatList(OptionType):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from catalog._secrets import mask, mask_text
 from catalog._text import escape_control
 
 __all__ = ["local_status", "status", "status_text"]
@@ -55,8 +56,9 @@ def status(client: Any) -> dict:
          "nannies": {"tcp://...": {...}}}
 
     A worker without the catalog installed shows ``"catalog": None`` and an
-    ``"error"`` saying so, rather than failing the call. Option values of secret
-    options and of secret-looking ``NAME=value`` pairs are masked.
+    ``"error"`` saying so, rather than failing the call. Secrets are masked
+    (``****``): values of secret options, of secret-looking ``NAME=value`` pairs,
+    and credentials inside URLs, here too for servers running an older catalog.
     """
     try:
         scheduler = _as_status(client.run_on_scheduler(local_status))
@@ -79,7 +81,7 @@ def status(client: Any) -> dict:
         for addr, result in sorted(nannies.items())
         if not isinstance(result, dict) or result.get("entries")
     }
-    return out
+    return mask(out)
 
 
 def status_text(data: dict) -> str:
@@ -90,17 +92,16 @@ def status_text(data: dict) -> str:
         version = info.get("catalog") or "-"
         lines.append(f"{role} {address}  (catalog {version})")
         if info.get("error"):
-            lines.append(f"  {info['error']}")
+            lines.append(f"  {mask_text(info['error'])}")
         if not info.get("entries") and not info.get("error"):
             lines.append("  no catalog entry active")
         for name, entry in sorted(info.get("entries", {}).items()):
             state = "active" if entry["active"] else "INACTIVE"
-            options = ", ".join(f"{k}={v!r}" for k, v in entry["options"].items())
+            options = ", ".join(f"{k}={v!r}" for k, v in mask(entry["options"]).items())
             lines.append(f"  {name:<9} {state:<8} {options}")
             if entry.get("last_error"):
-                lines.append(
-                    f"            last error ({entry['errors']}): {entry['last_error']}"
-                )
+                error = mask_text(entry["last_error"])
+                lines.append(f"            last error ({entry['errors']}): {error}")
 
     server("scheduler", data["scheduler"]["address"], data["scheduler"])
     for address, info in data["workers"].items():

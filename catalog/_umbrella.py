@@ -47,6 +47,7 @@ def umbrella_preload(
         enabled = enabled_from(params)
         for name, entry in entries.items():
             if name in enabled:
+                entry.check_command_line(params)
                 continue
             for keyword in entry.given_from_params(params):
                 flag = entry.flag(entry.option(keyword))

@@ -71,6 +71,10 @@ def show_text(name: str) -> str:
             f"    default      {json.dumps(opt.default)}",
             f"    accepts      {opt.type.describe()}",
         ]
+        if opt.secret:
+            lines.append(
+                "    secret       yes: shown as **** in logs, errors and status"
+            )
     first = entry.options[0] if entry.options else None
     flag = f" {entry.flag(first)} VALUE" if first else ""
     lines += [

@@ -25,7 +25,9 @@ def options_table(name: str) -> str:
             "| "
             + " | ".join(
                 [
-                    f"**{opt.name}**<br>{_cell(opt.help)}",
+                    f"**{opt.name}**"
+                    + (" (secret: shown as `****`)" if opt.secret else "")
+                    + f"<br>{_cell(opt.help)}",
                     flag,
                     f"`{opt.keyword}=`",
                     f"`{entry.config_key(opt)}`<br>`{entry.env_var(opt)}`",

@@ -22,9 +22,9 @@ from catalog._entry import (
     WorkerEntryPlugin,
     address_of,
     entry_preload,
-    mask_assignment,
 )
 from catalog._options import ENV_NAME, NameValue, OptionType, Text
+from catalog._secrets import mask_text
 
 __all__ = [
     "ENTRY",
@@ -82,17 +82,6 @@ class Threads(OptionType):
         if number < 1:
             raise ValueError("must be >= 1")
         return number
-
-
-class Assignment(NameValue):
-    """``NAME=VALUE`` whose value stays hidden in errors when NAME looks secret."""
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        try:
-            return self.parse(value)
-        except (ValueError, TypeError) as exc:
-            shown = mask_assignment(value) if isinstance(value, str) else value
-            self.fail(f"{shown!r} ({exc}); accepted: {self.accepted}", param, ctx)
 
 
 class EnvFile(OptionType):
@@ -170,7 +159,7 @@ ENTRY = Entry(
     options=[
         Option(
             "set",
-            Assignment(),
+            NameValue(),
             [],
             "An environment variable NAME=VALUE; repeatable; wins over file and "
             "threads.",
@@ -355,7 +344,7 @@ class _EnvironmentBase(EntryPlugin):
         self.added_paths = []
 
     def log_applied(self, variables: Mapping[str, str], paths: Sequence[str]) -> None:
-        shown = ", ".join(mask_assignment(f"{k}={v}") for k, v in variables.items())
+        shown = ", ".join(mask_text(f"{k}={v}") for k, v in variables.items())
         logger.info(
             "catalog.env on %s %s: set %s%s",
             self.role,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
+import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.request import HTTPSHandler, Request, build_opener
 
-from prometheus_client import CollectorRegistry, push_to_gateway, start_http_server
+from prometheus_client import CollectorRegistry, push_to_gateway
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -18,13 +21,16 @@ from catalog import _prom
 from catalog._entry import (
     Entry,
     Option,
+    OptionError,
     SchedulerEntryPlugin,
     WorkerEntryPlugin,
     address_of,
     entry_preload,
 )
+from catalog._http import MetricsServer
 from catalog._options import Duration, FloatList, Integer, Text
 from catalog._runtime import prefix_of
+from catalog._secrets import mask_text
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -96,12 +102,12 @@ class Port(Integer):
 
 
 class Url(Text):
-    """An http(s) URL."""
+    """An http(s) URL, optionally with ``user:password@`` for basic auth."""
 
     name = "url"
 
     def __init__(self) -> None:
-        super().__init__('an http(s) URL such as "http://pushgateway:9091"')
+        super().__init__('an http(s) URL such as "https://pushgateway:9091"')
 
     def parse(self, value: Any) -> str:
         text = super().parse(value)
@@ -109,6 +115,50 @@ class Url(Text):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("not an http(s) URL with a host")
         return text
+
+
+def _check_transport(settings: Any) -> None:
+    """Options of the port and the Pushgateway that only make sense together."""
+
+    def flag(name: str) -> str:
+        return ENTRY.flag(ENTRY.option(name))
+
+    problems = []
+    for needs, given in (
+        ("port", ("port-certfile", "port-keyfile", "port-username", "port-password")),
+        (
+            "pushgateway",
+            ("pushgateway-username", "pushgateway-password", "pushgateway-cafile"),
+        ),
+    ):
+        for name in given:
+            if getattr(settings, ENTRY.option(name).keyword) is not None and (
+                getattr(settings, needs) is None
+            ):
+                problems.append(f"{flag(name)} needs {flag(needs)}")
+    if settings.port_keyfile is not None and settings.port_certfile is None:
+        problems.append(f"{flag('port-keyfile')} needs {flag('port-certfile')}")
+    for prefix in ("port", "pushgateway"):
+        user = getattr(settings, f"{prefix}_username")
+        password = getattr(settings, f"{prefix}_password")
+        if (user is None) != (password is None):
+            problems.append(
+                f"{flag(prefix + '-username')} and {flag(prefix + '-password')} "
+                "go together"
+            )
+    gateway = settings.pushgateway
+    if gateway is not None:
+        parts = urlsplit(gateway)
+        if parts.username is not None and settings.pushgateway_username is not None:
+            problems.append(
+                f"credentials in {flag('pushgateway')} and "
+                f"{flag('pushgateway-username')}: give them once"
+            )
+        if settings.pushgateway_cafile is not None and parts.scheme != "https":
+            problems.append(f"{flag('pushgateway-cafile')} needs an https URL")
+    if problems:
+        msg = "invalid metrics options: " + "; ".join(dict.fromkeys(problems))
+        raise OptionError(msg)
 
 
 ENTRY = Entry(
@@ -160,10 +210,60 @@ ENTRY = Entry(
             "interface.",
         ),
         Option(
+            "port-certfile",
+            Text("a PEM certificate file"),
+            None,
+            "Serve the standalone port over https with this PEM certificate "
+            "(chain); the key comes from port-keyfile or the same file.",
+        ),
+        Option(
+            "port-keyfile",
+            Text("a PEM private key file"),
+            None,
+            "The private key of port-certfile, when it is in a file of its own.",
+        ),
+        Option(
+            "port-username",
+            Text("a user name"),
+            None,
+            "Require HTTP basic authentication on the standalone port: this user, "
+            "with port-password.",
+        ),
+        Option(
+            "port-password",
+            Text("a password"),
+            None,
+            "The password of port-username (pass it by config or environment "
+            "variable, not on a command line).",
+            secret=True,
+        ),
+        Option(
             "pushgateway",
             Url(),
             None,
-            "URL of a Prometheus Pushgateway to push this server's metrics to.",
+            "URL of a Prometheus Pushgateway to push this server's metrics to; "
+            "user:password@ in it is sent as basic authentication.",
+        ),
+        Option(
+            "pushgateway-username",
+            Text("a user name"),
+            None,
+            "Basic-authentication user for the Pushgateway, with pushgateway-password.",
+        ),
+        Option(
+            "pushgateway-password",
+            Text("a password"),
+            None,
+            "The password of pushgateway-username (pass it by config or environment "
+            "variable, not on a command line).",
+            secret=True,
+        ),
+        Option(
+            "pushgateway-cafile",
+            Text("a PEM file of CA certificates"),
+            None,
+            "CA certificates that an https Pushgateway's certificate must chain to "
+            "(default: the system's).",
         ),
         Option(
             "push-interval",
@@ -179,6 +279,7 @@ ENTRY = Entry(
         "--metrics-port 9100 --metrics-host 0.0.0.0",
         "dask scheduler --preload catalog.metrics --metrics-max-prefixes 50",
     ],
+    check=_check_transport,
 )
 
 
@@ -191,8 +292,7 @@ class _Exporter:
         self.instance = address_of(server)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_prom.ProcessCollector(only=server))
-        self.httpd: Any = None
-        self.http_thread: threading.Thread | None = None
+        self.http: MetricsServer | None = None
         self.url: str | None = None
         self.pusher: threading.Thread | None = None
         self.stop_pushing = threading.Event()
@@ -203,19 +303,37 @@ class _Exporter:
         s = self.settings
         if s.port is not None:
             try:
-                self.httpd, self.http_thread = start_http_server(
-                    s.port, addr=s.host, registry=self.registry
+                self.http = MetricsServer(
+                    self.registry,
+                    s.host,
+                    s.port,
+                    certfile=s.port_certfile,
+                    keyfile=s.port_keyfile,
+                    username=s.port_username,
+                    password=s.port_password,
                 )
             except OSError as exc:
+                flags = "--metrics-port" + (
+                    ", --metrics-port-certfile" if s.port_certfile else ""
+                )
+                msg = f"cannot serve metrics on {s.host}:{s.port} ({flags}): {exc}"
+                raise OSError(msg) from exc
+            self.url = self.http.url
+            logger.info("serving metrics of %s on %s", self.instance, self.url)
+            if s.port_username is not None and s.port_certfile is None:
+                _warn_cleartext("--metrics-port-username", self.url)
+        if s.pushgateway is not None:
+            self.gateway, username, password = _push_credentials(s)
+            try:
+                self.handler = _PushHandler(username, password, s.pushgateway_cafile)
+            except OSError as exc:  # ssl.SSLError too
                 msg = (
-                    f"cannot serve metrics on {s.host}:{s.port} (--metrics-port): {exc}"
+                    f"cannot load {s.pushgateway_cafile} "
+                    f"(--metrics-pushgateway-cafile): {exc.strerror or exc}"
                 )
                 raise OSError(msg) from exc
-            host, port = self.httpd.server_address[:2]
-            host = f"[{host}]" if ":" in host else host  # IPv6
-            self.url = f"http://{host}:{port}/metrics"
-            logger.info("serving metrics of %s on %s", self.instance, self.url)
-        if s.pushgateway is not None:
+            if username is not None and urlsplit(self.gateway).scheme == "http":
+                _warn_cleartext("the Pushgateway's credentials", self.gateway)
             self.pusher = threading.Thread(
                 target=self._push_loop,
                 name=f"catalog.metrics pusher {self.instance}",
@@ -226,11 +344,12 @@ class _Exporter:
     def push(self, timeout: float = PUSH_TIMEOUT) -> None:
         try:
             push_to_gateway(
-                self.settings.pushgateway,
+                self.gateway,
                 job="dask",
                 registry=self.registry,
                 grouping_key={"instance": self.instance},
                 timeout=timeout,
+                handler=self.handler,
             )
         except Exception as exc:
             self.plugin.report_error(f"push to {self.settings.pushgateway}", exc)
@@ -253,12 +372,72 @@ class _Exporter:
             # a daemon); teardown waits for the final push only.
             self.pusher.join(FINAL_PUSH_TIMEOUT + 0.2)
             self.pusher = None
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
-            if self.http_thread is not None:
-                self.http_thread.join(5)
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+
+
+def _warn_cleartext(what: str, url: str) -> None:
+    logger.warning(
+        "catalog.metrics: %s over plain http (%s): the password crosses the "
+        "network in clear; use https",
+        what,
+        mask_text(url),
+    )
+
+
+def _push_credentials(settings: Any) -> tuple[str, str | None, str | None]:
+    """The Pushgateway URL without ``user:password@``, and the credentials.
+
+    urllib cannot send credentials that are part of a URL: they become basic
+    authentication, and the URL that is requested no longer carries them.
+    """
+    url = settings.pushgateway
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, settings.pushgateway_username, settings.pushgateway_password
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, unquote(parts.username), unquote(parts.password or "")
+
+
+class _PushHandler:
+    """The ``handler=`` given to ``push_to_gateway``: basic auth and a CA file.
+
+    prometheus_client's ``basic_auth_handler`` verifies TLS against the system's
+    CAs only and its ``tls_auth_handler`` requires a client certificate; this
+    handler follows their contract (build the request, raise on failure) with
+    one ``ssl`` context that verifies against ``cafile`` when given.
+    """
+
+    def __init__(
+        self, username: str | None, password: str | None, cafile: str | None
+    ) -> None:
+        self.authorization = None
+        if username is not None:
+            token = base64.b64encode(f"{username}:{password or ''}".encode())
+            self.authorization = f"Basic {token.decode()}"
+        context = ssl.create_default_context(cafile=cafile)
+        self.opener = build_opener(HTTPSHandler(context=context))
+
+    def __call__(
+        self,
+        url: str,
+        method: str,
+        timeout: float | None,
+        headers: list[tuple[str, str]],
+        data: bytes,
+    ) -> Callable[[], None]:
+        def handle() -> None:
+            request = Request(url, data=data, method=method)
+            for name, value in headers:
+                request.add_header(name, value)
+            if self.authorization is not None:
+                request.add_header("Authorization", self.authorization)
+            # urllib raises HTTPError for a 4xx or 5xx answer.
+            with self.opener.open(request, timeout=timeout):
+                pass
+
+        return handle
 
 
 class _MetricsBase:
@@ -293,11 +472,12 @@ class _MetricsBase:
     def _export_status(self) -> dict[str, Any]:
         exporter = getattr(self, "exporter", None)
         if exporter is None:
-            return {"url": None, "pushes": 0, "last_push": None}
+            return {"url": None, "pushes": 0, "last_push": None, "http_rejected": 0}
         return {
             "url": exporter.url,
             "pushes": exporter.pushes,
             "last_push": exporter.last_push,
+            "http_rejected": exporter.http.rejected if exporter.http else 0,
         }
 
 

@@ -6,8 +6,37 @@ imported; importing catalog first puts the catalog's defaults in that snapshot.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import distributed.utils_test  # noqa: F401
+import pytest
 
 import catalog  # noqa: F401  (must come before distributed.utils_test)
 
 pytest_plugins = ["tests.procs"]
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> SimpleNamespace:
+    """A test CA and a certificate for 127.0.0.1 signed by it, as PEM files.
+
+    ``ca``: the CA certificate; ``cert`` / ``key``: the server's chain and key in
+    files of their own; ``combined``: key and chain in one file.
+    """
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    where = tmp_path_factory.mktemp("tls")
+    files = SimpleNamespace(
+        ca=str(where / "ca.pem"),
+        cert=str(where / "cert.pem"),
+        key=str(where / "key.pem"),
+        combined=str(where / "combined.pem"),
+    )
+    ca.cert_pem.write_to_path(files.ca)
+    issued.private_key_pem.write_to_path(files.key)
+    for i, pem in enumerate(issued.cert_chain_pems):
+        pem.write_to_path(files.cert, append=i > 0)
+    issued.private_key_and_cert_chain_pem.write_to_path(files.combined)
+    return files

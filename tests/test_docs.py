@@ -91,6 +91,11 @@ def test_readme_python_examples_compile():
 
 def dask_commands() -> list[tuple[str, list[str]]]:
     """Every `dask ...` command line in bash blocks, as argv after `dask`."""
+    return [(name, argv) for name, argv, _ in dask_command_envs()]
+
+
+def dask_command_envs() -> list[tuple[str, list[str], dict[str, str]]]:
+    """`dask ...` command lines with their `VAR=value` prefixes."""
     commands = []
     for name, body in blocks("bash"):
         for line in body.replace("\\\n", " ").splitlines():
@@ -99,10 +104,12 @@ def dask_commands() -> list[tuple[str, list[str]]]:
                 words = shlex.split(line, comments=True)
             except ValueError:
                 continue
+            env = {}
             while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
-                words = words[1:]  # VAR=value prefixes
+                key, _, value = words.pop(0).partition("=")  # VAR=value prefixes
+                env[key] = value
             if len(words) > 1 and words[0] == "dask":
-                commands.append((name, words[1:]))
+                commands.append((name, words[1:], env))
     return commands
 
 
@@ -119,22 +126,36 @@ def command_for(argv: list[str]) -> click.Command:
 
 
 @pytest.mark.parametrize(
-    ("name", "argv"),
-    dask_commands(),
-    ids=[" ".join(c[1])[:60] for c in dask_commands()],
+    ("name", "argv", "env"),
+    dask_command_envs(),
+    ids=[" ".join(c[1])[:60] for c in dask_command_envs()],
 )
-def test_dask_command_lines_parse(name, argv):
-    """distributed's own click command parses the line, preload options included."""
+def test_dask_command_lines_parse(name, argv, env):
+    """distributed's own click command parses the line, preload options included.
+
+    ``DASK_*=value`` prefixes of the line are dask config while it parses, as
+    they are for the process the line starts.
+    """
+    import dask.config
+
     command = command_for(argv)
     args = argv[1:]
-    if argv[0] == "catalog":
+    config = dask.config.collect_env(env) if env else {}
+    with dask.config.set(config):
+        _parse_command_line(name, command, argv[0], args)
+
+
+def _parse_command_line(
+    name: str, command: click.Command, kind: str, args: list[str]
+) -> None:
+    if kind == "catalog":
         with click.Context(command) as ctx:
             command.parse_args(ctx, list(args))
             sub = command.get_command(ctx, args[0])
             assert sub is not None, f"{name}: no command {args[0]}"
             sub.make_context(args[0], list(args[1:]), parent=ctx)
     else:
-        command.make_context(f"dask {argv[0]}", list(args))
+        command.make_context(f"dask {kind}", list(args))
 
 
 def catalog_sections() -> list[tuple[str, dict]]:

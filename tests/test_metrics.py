@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,7 @@ import dask.config
 import pytest
 from distributed import Event
 from distributed.utils_test import captured_logger, gen_cluster
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, push_to_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 import catalog
@@ -112,7 +113,14 @@ def test_entry_shape():
         "max-prefixes",
         "port",
         "host",
+        "port-certfile",
+        "port-keyfile",
+        "port-username",
+        "port-password",
         "pushgateway",
+        "pushgateway-username",
+        "pushgateway-password",
+        "pushgateway-cafile",
         "push-interval",
     ]
     assert dask_setup.entry is ENTRY
@@ -712,3 +720,171 @@ def test_cli_bad_value_exits_2(flag, bad):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert errors and flag in errors[0] and bad in result.stderr
+
+
+# -- basic auth and TLS, against the real servers ---------------------------------
+
+
+def https_get(url: str, cafile: str, auth: tuple[str, str] | None = None) -> str:
+    from tests.test_http import get
+
+    return get(url, cafile=cafile, auth=auth)
+
+
+@pytest.mark.slow
+def test_pushgateway_with_basic_auth_and_tls(procs, tmp_path, tls_files):
+    import bcrypt
+
+    from catalog.metrics import _PushHandler
+
+    binary = require_binary("prometheus-pushgateway")
+    password = "push-s3cret-pw"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(
+        "tls_server_config:\n"
+        f"  cert_file: {tls_files.cert}\n"
+        f"  key_file: {tls_files.key}\n"
+        "basic_auth_users:\n"
+        f"  pusher: '{hashed}'\n"
+    )
+    port = free_port()
+    gateway = procs.start(
+        [
+            binary,
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--persistence.file=",
+            f"--web.config.file={web}",
+        ],
+        name="pushgateway",
+    )
+    url = f"https://127.0.0.1:{port}"
+    auth = ("pusher", password)
+    wait_until(
+        lambda: https_get(f"{url}/-/ready", tls_files.ca, auth),
+        timeout=30,
+        interval=0.2,
+        why=lambda: gateway.output,
+    )
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        https_get(f"{url}/metrics", tls_files.ca)  # the gateway does check
+    # Our push handler against the real gateway: a wrong password is refused.
+    registry = CollectorRegistry()
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        push_to_gateway(
+            url,
+            job="probe",
+            registry=registry,
+            handler=_PushHandler("pusher", "wrong", tls_files.ca),
+        )
+
+    # The scheduler has its credentials in the URL, the worker has options and
+    # the password in an environment variable (not on its command line).
+    sched, address = procs.scheduler(
+        "--preload",
+        "catalog.metrics",
+        "--metrics-pushgateway",
+        f"https://pusher:{password}@127.0.0.1:{port}",
+        "--metrics-pushgateway-cafile",
+        tls_files.ca,
+        "--metrics-push-interval",
+        "1h",
+    )
+    worker = procs.worker(
+        address,
+        "--preload",
+        "catalog.metrics",
+        "--metrics-pushgateway",
+        url,
+        "--metrics-pushgateway-username",
+        "pusher",
+        "--metrics-pushgateway-cafile",
+        tls_files.ca,
+        "--metrics-push-interval",
+        "1h",
+        env={"DASK_CATALOG__METRICS__PUSHGATEWAY_PASSWORD": password},
+    )
+    run_work(address)
+    assert worker.stop() == 0  # the final push
+    text = https_get(f"{url}/metrics", tls_files.ca, auth)
+    assert (
+        value(text, "dask_catalog_tasks_total", prefix="inc", outcome="success") == 20
+    )
+    instances = label_values(text, "push_time_seconds", "instance")
+    assert address in instances and len(instances) == 2, instances
+    for proc in (worker, sched):
+        assert password not in proc.output
+        assert "push to" not in proc.output, proc.output
+    assert gateway.popen.poll() is None
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_the_port_with_basic_auth_and_tls(
+    procs, tmp_path, tls_files
+):
+    binary = require_binary("prometheus")
+    password = "scrape-s3cret-pw"
+    _, address = procs.scheduler()
+    port = free_port()
+    worker = procs.worker(
+        address,
+        "--no-dashboard",
+        "--preload",
+        "catalog.metrics",
+        "--metrics-port",
+        str(port),
+        "--metrics-port-certfile",
+        tls_files.cert,
+        "--metrics-port-keyfile",
+        tls_files.key,
+        "--metrics-port-username",
+        "scraper",
+        env={"DASK_CATALOG__METRICS__PORT_PASSWORD": password},
+    )
+    run_work(address)
+    target = f"127.0.0.1:{port}"
+    tls = f"tls_config: {{ca_file: '{tls_files.ca}'}}"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: dask\n"
+        "    scheme: https\n"
+        f"    {tls}\n"
+        f"    basic_auth: {{username: scraper, password: '{password}'}}\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+        "  - job_name: anonymous\n"
+        "    scheme: https\n"
+        f"    {tls}\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    web_port = free_port()
+    prometheus = procs.start(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+        ],
+        name="prometheus",
+    )
+    api = f"http://127.0.0.1:{web_port}/api/v1"
+    query = urllib.parse.urlencode(
+        {"query": 'dask_catalog_tasks_total{prefix="inc",outcome="success"}'}
+    )
+
+    def result():
+        return json.loads(fetch(f"{api}/query?{query}"))["data"]["result"]
+
+    found = wait_until(result, timeout=90, why=lambda: prometheus.output)
+    assert [r["metric"]["job"] for r in found] == ["dask"]
+    assert float(found[0]["value"][1]) == 20
+
+    def anonymous():
+        targets = json.loads(fetch(f"{api}/targets"))["data"]["activeTargets"]
+        (job,) = [t for t in targets if t["labels"]["job"] == "anonymous"]
+        return job["health"] == "down" and job
+
+    refused = wait_until(anonymous, timeout=60)
+    assert "401" in refused["lastError"]
+    assert password not in worker.output
