@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dask.utils import format_bytes
+
 __all__ = ["local_status", "status", "status_text"]
 
 NOT_INSTALLED = "catalog is not installed on this server"
@@ -95,6 +97,8 @@ def status_text(data: dict) -> str:
             state = "active" if entry["active"] else "INACTIVE"
             options = ", ".join(f"{k}={v!r}" for k, v in entry["options"].items())
             lines.append(f"  {name:<9} {state:<8} {options}")
+            if entry.get("memory") is not None:
+                lines.append(f"            holds {format_bytes(entry['memory'])}")
             if entry.get("last_error"):
                 lines.append(
                     f"            last error ({entry['errors']}): {entry['last_error']}"

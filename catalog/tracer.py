@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
+import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, get_args
@@ -21,8 +24,9 @@ from catalog._entry import (
     SchedulerEntryPlugin,
     WorkerEntryPlugin,
     entry_preload,
+    guards_itself,
 )
-from catalog._options import Choice, Duration, Integer, Text
+from catalog._options import Choice, Duration, Integer, Size, Text
 from catalog._prom import add_collector, remove_collector
 from catalog._runtime import JsonLinesFile, json_line, prefix_of, safe_filename
 
@@ -59,8 +63,15 @@ ENTRY = Entry(
             "capacity",
             Integer(1),
             1_000_000,
-            "Events kept per server in a ring buffer; older ones are dropped "
-            "and counted.",
+            "Events kept per server in a ring buffer at most; older ones are "
+            "dropped and counted.",
+        ),
+        Option(
+            "max-memory",
+            Size(),
+            "16MiB",
+            "Memory the ring buffer may hold per server; it keeps at most this "
+            "divided by 64 bytes events (fewer when capacity is lower).",
         ),
         Option(
             "dir",
@@ -92,8 +103,10 @@ ENTRY = Entry(
 
 #: Marks a span record in the ring (in place of the start state).
 SPAN = "<span>"
-#: Slots per record in the flat ring: (time, key, start, finish).
-WIDTH = 4
+#: The ring's budget per event: ``max-memory // EVENT_BYTES`` events at most.
+#: A worker event takes 32 bytes of slots, a scheduler event 40, plus its share
+#: of the keys and spans only the ring still holds (benchmarks/tracer_hook.py).
+EVENT_BYTES = 64
 #: Worker states a task computes in, and the states a computed task ends in.
 RUNNING = frozenset({"executing", "long-running", "resumed"})
 FINISHED = frozenset({"memory", "error"})
@@ -108,19 +121,25 @@ def _key_text(key: Any) -> str:
 class _Recorder:
     """What the worker and scheduler halves share: the ring, the file, status.
 
-    The ring is one ``deque`` of flat slots, ``WIDTH`` per record: ``extend``
-    with a 4-tuple is one C call, and a buffered record costs four pointers and
-    one float (about 56 bytes) instead of a tuple object.
+    The ring is preallocated-style plain storage that grows up to its capacity
+    and then overwrites its oldest record: the times in an ``array("d")`` (8
+    bytes each, no float objects) and the other fields in one flat list,
+    ``STRIDE`` slots per record (pointers to the key and to interned state
+    names). Nothing is built per event beyond what ``append`` stores.
     """
 
     settings: Any
     server: Any
     role: str
+    #: Slots per record in the flat list: worker (key, start, finish or spans),
+    #: scheduler (key, start, finish, worker).
+    STRIDE = 3
 
     def _start_recording(self, server: Any) -> None:
         s = self.settings
-        self._ring: deque[Any] = deque(maxlen=WIDTH * s.capacity)
-        self._extend = self._ring.extend
+        self._cap = max(1, min(s.capacity, s.max_memory // EVENT_BYTES))
+        self._times = array("d")
+        self._slots: list[Any] = []
         self._appended = 0
         self._clock = time.time
         self._states = frozenset(s.states) if s.states else None
@@ -145,6 +164,21 @@ class _Recorder:
         self._collector = _Collector(self)
         add_collector(server, self._collector)
 
+    def _record(self, *slots: Any) -> None:
+        t = self._clock()
+        n = self._appended
+        if n < self._cap:
+            self._times.append(t)
+            self._slots.extend(slots)
+        else:
+            i = n % self._cap
+            self._times[i] = t
+            j = i * self.STRIDE
+            self._slots[j : j + self.STRIDE] = slots
+        self._appended = n + 1
+        if self._pending is not None:
+            self._pending.append((t, *slots))
+
     def _stop_recording(self, server: Any) -> None:
         collector = getattr(self, "_collector", None)
         if collector is not None:
@@ -163,7 +197,7 @@ class _Recorder:
                 self.address,
                 dropped,
                 self._appended,
-                self.settings.capacity,
+                self._cap,
             )
 
     def file_name(self) -> str:
@@ -174,13 +208,44 @@ class _Recorder:
 
     # -- counts -----------------------------------------------------------
     @property
+    def capacity(self) -> int:
+        """Events the ring keeps: ``capacity``, or fewer to fit ``max-memory``."""
+        return getattr(self, "_cap", self.settings.capacity)
+
+    @property
     def buffered(self) -> int:
-        ring = getattr(self, "_ring", None)
-        return len(ring) // WIDTH if ring is not None else 0
+        times = getattr(self, "_times", None)
+        return len(times) if times is not None else 0
 
     @property
     def dropped(self) -> int:
         return getattr(self, "_appended", 0) - self.buffered
+
+    def memory(self) -> int:
+        """Bytes the ring holds: its storage, and what only the ring keeps alive.
+
+        Keys and span payloads are counted once each; interned state names and
+        the server's own strings (shared with distributed) are not.
+        """
+        times = getattr(self, "_times", None)
+        if times is None:
+            return 0
+        slots = list(self._slots)
+        total = sys.getsizeof(times) + sys.getsizeof(slots)
+        seen: set[int] = set()
+        for obj in slots:
+            if obj is None or id(obj) in seen:
+                continue
+            if type(obj) is str and sys.intern(obj) is obj:
+                continue  # state names, worker addresses: shared, interned
+            seen.add(id(obj))
+            total += sys.getsizeof(obj)
+            if type(obj) is tuple:
+                for item in obj:
+                    if type(item) is float and id(item) not in seen:
+                        seen.add(id(item))
+                        total += sys.getsizeof(item)
+        return total
 
     def status(self) -> dict[str, Any]:
         out = super().status()  # type: ignore[misc]
@@ -189,6 +254,7 @@ class _Recorder:
             recorded=getattr(self, "_appended", 0),
             buffered=self.buffered,
             dropped=self.dropped,
+            capacity=self.capacity,
             file=file.path if file is not None else None,
             written=file.written if file is not None else 0,
         )
@@ -205,8 +271,17 @@ class _Recorder:
         }
 
     def _records(self) -> Iterator[tuple[Any, ...]]:
-        it = iter(list(self._ring))
-        return zip(it, it, it, it, strict=False)
+        """``(time, key, start, finish, worker)`` of every buffered record, oldest
+        first (``worker`` is None on workers; a span has ``start`` SPAN and its
+        payload as ``finish``)."""
+        times, slots, w = list(self._times), list(self._slots), self.STRIDE
+        count = len(times)
+        first = self._appended % self._cap if self._appended > self._cap else 0
+        for i in itertools.chain(range(first, count), range(first)):
+            record = slots[i * w : i * w + w]
+            if w == 3:
+                record.append(None)
+            yield (times[i], *record)
 
     def _drain(self) -> list[tuple[Any, ...]]:
         # Runs in the file's flush thread while the event loop appends: popleft
@@ -219,7 +294,8 @@ class _Recorder:
 
     def _as_dicts(self, records: Iterable[tuple[Any, ...]]) -> Iterator[dict]:
         prefix = prefix_of
-        for t, key, start, finish in records:
+        for record in records:
+            t, key, start, finish = record[:4]
             if start is SPAN:
                 yield from self._span_dicts(t, key, finish)
             else:
@@ -231,13 +307,12 @@ class _Recorder:
                     "start": start,
                     "finish": finish,
                 }
-                if isinstance(finish, tuple):  # scheduler: (state, worker)
-                    event["finish"], worker = finish
-                    if worker:
-                        event["worker"] = worker
+                worker = record[4] if len(record) > 4 else None
+                if worker:
+                    event["worker"] = worker
                 yield event
 
-    def _span_dicts(self, thread: Any, key: Any, payload: Any) -> Iterator[dict]:
+    def _span_dicts(self, t: float, key: Any, payload: Any) -> Iterator[dict]:
         return iter(())
 
     def snapshot(self, clear: bool = False) -> dict[str, Any]:
@@ -245,13 +320,14 @@ class _Recorder:
         events = list(self._as_dicts(self._records()))
         out = {
             **self._header(),
-            "capacity": self.settings.capacity,
+            "capacity": self.capacity,
             "recorded": self._appended,
             "dropped": self.dropped,
             "events": events,
         }
         if clear:
-            self._ring.clear()
+            self._times = array("d")
+            self._slots = []
             self._appended = 0
         return out
 
@@ -349,41 +425,38 @@ class Tracer(_Recorder, WorkerEntryPlugin):
     def on_teardown(self, worker: Any) -> None:
         self._stop_recording(worker)
 
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        states = self._states
-        if states is None or finish in states:
-            record = (self._clock(), key, start, finish)
-            self._extend(record)
-            self._appended += 1
-            if self._pending is not None:
-                self._pending.append(record)
-        if finish in FINISHED and start in RUNNING:
-            self._finished(key)
+    @guards_itself
+    def transition(
+        self,
+        key: Any = None,
+        start: str = "",
+        finish: str = "",
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            states = self._states
+            if states is None or finish in states:
+                self._record(key, start, finish)
+            if finish in FINISHED and start in RUNNING:
+                self._finished(key)
+        except Exception as exc:
+            self.report_error("transition", exc)
 
     def _finished(self, key: Any) -> None:
         ts = self._tasks.get(key)
         if ts is None or not ts.startstops:
             return
-        # Flat (action, start, stop, source) quadruples: the floats are shared
-        # with distributed's dicts, which are then free to go.
-        spans: tuple[Any, ...] = ()
-        for ss in ts.startstops:
-            spans += (
-                ss.get("action"),
-                ss.get("start"),
-                ss.get("stop"),
-                ss.get("source"),
-            )
         memory = self._plugins.get("catalog.memory")
-        if memory is not None:
-            spans = (self._peak(memory, key), *spans)
-        else:
-            spans = (None, *spans)
-        record = (self._threads.get(key), key, SPAN, spans)
-        self._extend(record)
-        self._appended += 1
-        if self._pending is not None:
-            self._pending.append(record)
+        peak = self._peak(memory, key) if memory is not None else None
+        # One flat tuple: thread, peak, then (action, start, stop, source) per
+        # startstop; the floats are shared with distributed's dicts, which are
+        # then free to go.
+        spans: list[Any] = [self._threads.get(key), peak]
+        for ss in ts.startstops:
+            spans += (ss.get("action"), ss.get("start"), ss.get("stop"))
+            spans.append(ss.get("source"))
+        self._record(key, SPAN, tuple(spans))
 
     def _peak(self, memory: Any, key: Any) -> int | None:
         peak_of = getattr(memory, "peak_of", None)
@@ -396,10 +469,10 @@ class Tracer(_Recorder, WorkerEntryPlugin):
             return None
         return peak if isinstance(peak, int) else None
 
-    def _span_dicts(self, thread: Any, key: Any, payload: Any) -> Iterator[dict]:
-        peak = payload[0]
+    def _span_dicts(self, t: float, key: Any, payload: Any) -> Iterator[dict]:
+        thread, peak = payload[0], payload[1]
         text, prefix = _key_text(key), prefix_of(key)
-        for i in range(1, len(payload), 4):
+        for i in range(2, len(payload), 4):
             kind, start, stop, source = payload[i : i + 4]
             if start is None or stop is None:
                 continue
@@ -449,16 +522,23 @@ class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
     def on_teardown(self, scheduler: Any) -> None:
         self._stop_recording(scheduler)
 
+    STRIDE = 4
+
+    @guards_itself
     def transition(
-        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+        self,
+        key: Any = None,
+        start: str = "",
+        finish: str = "",
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
-        states = self._states
-        if states is None or finish in states:
-            record = (self._clock(), key, start, (finish, kwargs.get("worker")))
-            self._extend(record)
-            self._appended += 1
-            if self._pending is not None:
-                self._pending.append(record)
+        try:
+            states = self._states
+            if states is None or finish in states:
+                self._record(key, start, finish, kwargs.get("worker"))
+        except Exception as exc:
+            self.report_error("transition", exc)
 
 
 dask_setup, dask_teardown = entry_preload(

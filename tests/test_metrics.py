@@ -110,6 +110,7 @@ def test_entry_shape():
         "namespace",
         "buckets",
         "max-prefixes",
+        "prefix-buckets",
         "port",
         "host",
         "pushgateway",

@@ -96,6 +96,7 @@ def test_defaults_and_names():
     assert catalog.SchedulerTracer().name == "catalog.tracer"
     assert t.settings.as_dict() == {
         "capacity": 1_000_000,
+        "max_memory": 16 * 2**20,
         "dir": None,
         "flush_interval": 1.0,
         "states": (),
@@ -362,7 +363,7 @@ async def test_worker_records_transitions_and_spans(c, s, a):
     assert len(compute) == 7  # exactly one per task
     assert all(isinstance(e["thread"], int) for e in compute)
     assert all(e["stop"] >= e["start"] for e in spans)
-    assert snap["dropped"] == 0 and snap["recorded"] == len(plugin._ring) // 4
+    assert snap["dropped"] == 0 and snap["recorded"] == plugin.buffered
     assert plugin.status()["recorded"] == snap["recorded"]
 
 
