@@ -70,8 +70,8 @@ ENTRY = Entry(
             "max-memory",
             Size(),
             "16MiB",
-            "Memory the ring buffer may hold per server; it keeps at most this "
-            "divided by 64 bytes events (fewer when capacity is lower).",
+            "Memory the ring buffer may hold per server: it keeps at most this "
+            "divided by 96 bytes events (fewer when capacity is lower).",
         ),
         Option(
             "dir",
@@ -104,9 +104,14 @@ ENTRY = Entry(
 #: Marks a span record in the ring (in place of the start state).
 SPAN = "<span>"
 #: The ring's budget per event: ``max-memory // EVENT_BYTES`` events at most.
-#: A worker event takes 32 bytes of slots, a scheduler event 40, plus its share
-#: of the keys and spans only the ring still holds (benchmarks/tracer_hook.py).
-EVENT_BYTES = 64
+#: An event takes 25 bytes of slots (33 on the scheduler) plus its share of the
+#: keys and spans only the ring still holds: 55-75 bytes measured for keys of
+#: 20-45 characters (benchmarks/tracer_hook.py); 96 leaves room for longer keys.
+EVENT_BYTES = 96
+#: Strings the ring shares with distributed: not counted in its memory.
+_SHARED = frozenset(
+    {*STATES, SPAN, "compute", "transfer", "disk-read", "disk-write", "deserialize"}
+)
 #: Worker states a task computes in, and the states a computed task ends in.
 RUNNING = frozenset({"executing", "long-running", "resumed"})
 FINISHED = frozenset({"memory", "error"})
@@ -121,26 +126,28 @@ def _key_text(key: Any) -> str:
 class _Recorder:
     """What the worker and scheduler halves share: the ring, the file, status.
 
-    The ring is preallocated-style plain storage that grows up to its capacity
-    and then overwrites its oldest record: the times in an ``array("d")`` (8
-    bytes each, no float objects) and the other fields in one flat list,
-    ``STRIDE`` slots per record (pointers to the key and to interned state
-    names). Nothing is built per event beyond what ``append`` stores.
+    The ring keeps its newest ``capacity`` records in plain storage that
+    nothing is built for per event: the times in an ``array("d")`` (8 bytes,
+    no float objects) and the other fields in a ``deque`` of ``STRIDE`` slots
+    per record: the key and a small int naming the (start, finish) pair
+    (Python's cached small ints: no object either); a finished task's spans
+    take the pair's slot as one flat tuple.
     """
 
     settings: Any
     server: Any
     role: str
-    #: Slots per record in the flat list: worker (key, start, finish or spans),
-    #: scheduler (key, start, finish, worker).
-    STRIDE = 3
+    #: Slots per record: worker (key, pair code or spans), scheduler adds worker.
+    STRIDE = 2
 
     def _start_recording(self, server: Any) -> None:
         s = self.settings
         self._cap = max(1, min(s.capacity, s.max_memory // EVENT_BYTES))
-        self._times = array("d")
-        self._slots: list[Any] = []
-        self._appended = 0
+        self._codes: dict[tuple[str, str], int] = {}
+        self._pairs: list[tuple[str, str]] = []
+        self._threads_seen: dict[Any, int] = {}
+        self._thread_ids: list[Any] = []
+        self._new_ring()
         self._clock = time.time
         self._states = frozenset(s.states) if s.states else None
         self._pending: deque[tuple[Any, ...]] | None = None
@@ -164,20 +171,31 @@ class _Recorder:
         self._collector = _Collector(self)
         add_collector(server, self._collector)
 
-    def _record(self, *slots: Any) -> None:
+    def _new_ring(self) -> None:
+        self._times = array("d")
+        self._times_append = self._times.append
+        self._slots: deque[Any] = deque(maxlen=self.STRIDE * self._cap)
+        self._slots_extend = self._slots.extend
+        self._appended = 0
+
+    def _code(self, start: str, finish: str) -> int:
+        """The small int naming a (start, finish) pair in this ring."""
+        code = self._codes.get((start, finish))
+        if code is None:
+            code = self._codes[start, finish] = len(self._pairs)
+            self._pairs.append((start, finish))
+        return code
+
+    def _stamp(self) -> float:
+        """The time of a new record, stored; the caller stores its slots next."""
         t = self._clock()
         n = self._appended
         if n < self._cap:
-            self._times.append(t)
-            self._slots.extend(slots)
-        else:
-            i = n % self._cap
-            self._times[i] = t
-            j = i * self.STRIDE
-            self._slots[j : j + self.STRIDE] = slots
+            self._times_append(t)
+        else:  # full: overwrite the oldest, which the slots' deque drops too
+            self._times[n % self._cap] = t
         self._appended = n + 1
-        if self._pending is not None:
-            self._pending.append((t, *slots))
+        return t
 
     def _stop_recording(self, server: Any) -> None:
         collector = getattr(self, "_collector", None)
@@ -224,27 +242,34 @@ class _Recorder:
     def memory(self) -> int:
         """Bytes the ring holds: its storage, and what only the ring keeps alive.
 
-        Keys and span payloads are counted once each; interned state names and
-        the server's own strings (shared with distributed) are not.
+        Keys and span payloads are counted once each, as if only the ring held
+        them; state names, span kinds and worker addresses (shared with
+        distributed) and Python's cached small ints are not.
         """
         times = getattr(self, "_times", None)
         if times is None:
             return 0
         slots = list(self._slots)
-        total = sys.getsizeof(times) + sys.getsizeof(slots)
+        total = sys.getsizeof(times) + sys.getsizeof(self._slots)
         seen: set[int] = set()
-        for obj in slots:
-            if obj is None or id(obj) in seen:
-                continue
-            if type(obj) is str and sys.intern(obj) is obj:
-                continue  # state names, worker addresses: shared, interned
+
+        def add(obj: Any) -> None:
+            nonlocal total
+            if obj is None or id(obj) in seen or obj in _SHARED:
+                return
+            if type(obj) is int and -5 <= obj <= 256:
+                return
             seen.add(id(obj))
             total += sys.getsizeof(obj)
-            if type(obj) is tuple:
-                for item in obj:
-                    if type(item) is float and id(item) not in seen:
-                        seen.add(id(item))
-                        total += sys.getsizeof(item)
+
+        w = self.STRIDE
+        for i in range(0, len(slots), w):
+            add(slots[i])
+            payload = slots[i + 1]
+            if type(payload) is tuple:
+                add(payload)
+                for item in payload:
+                    add(item)
         return total
 
     def status(self) -> dict[str, Any]:
@@ -275,13 +300,19 @@ class _Recorder:
         first (``worker`` is None on workers; a span has ``start`` SPAN and its
         payload as ``finish``)."""
         times, slots, w = list(self._times), list(self._slots), self.STRIDE
-        count = len(times)
         first = self._appended % self._cap if self._appended > self._cap else 0
-        for i in itertools.chain(range(first, count), range(first)):
-            record = slots[i * w : i * w + w]
-            if w == 3:
-                record.append(None)
-            yield (times[i], *record)
+        order = itertools.chain(range(first, len(times)), range(first))
+        for n, i in enumerate(order):
+            record = slots[n * w : n * w + w]
+            yield self._decode(times[i], *record)
+
+    def _decode(
+        self, t: float, key: Any, second: Any, worker: Any = None
+    ) -> tuple[Any, ...]:
+        if type(second) is tuple:
+            return (t, key, SPAN, second, None)
+        start, finish = self._pairs[second]
+        return (t, key, start, finish, worker)
 
     def _drain(self) -> list[tuple[Any, ...]]:
         # Runs in the file's flush thread while the event loop appends: popleft
@@ -289,8 +320,8 @@ class _Recorder:
         pending = self._pending
         if not pending:
             return []
-        take = pending.popleft
-        return [take() for _ in range(len(pending))]
+        take, decode = pending.popleft, self._decode
+        return [decode(*take()) for _ in range(len(pending))]
 
     def _as_dicts(self, records: Iterable[tuple[Any, ...]]) -> Iterator[dict]:
         prefix = prefix_of
@@ -326,9 +357,7 @@ class _Recorder:
             "events": events,
         }
         if clear:
-            self._times = array("d")
-            self._slots = []
-            self._appended = 0
+            self._new_ring()
         return out
 
 
@@ -437,7 +466,11 @@ class Tracer(_Recorder, WorkerEntryPlugin):
         try:
             states = self._states
             if states is None or finish in states:
-                self._record(key, start, finish)
+                t = self._stamp()
+                code = self._code(start, finish)
+                self._slots_extend((key, code))
+                if self._pending is not None:
+                    self._pending.append((t, key, code))
             if finish in FINISHED and start in RUNNING:
                 self._finished(key)
         except Exception as exc:
@@ -449,14 +482,25 @@ class Tracer(_Recorder, WorkerEntryPlugin):
             return
         memory = self._plugins.get("catalog.memory")
         peak = self._peak(memory, key) if memory is not None else None
-        # One flat tuple: thread, peak, then (action, start, stop, source) per
-        # startstop; the floats are shared with distributed's dicts, which are
-        # then free to go.
-        spans: list[Any] = [self._threads.get(key), peak]
+        # One flat tuple: the thread's index (a small int, no object), the
+        # peak, then (action, start, stop, source) per startstop; the floats
+        # are shared with distributed's dicts, which are then free to go.
+        thread = self._threads.get(key)
+        if thread is not None:
+            index = self._threads_seen.get(thread)
+            if index is None:
+                index = self._threads_seen[thread] = len(self._thread_ids)
+                self._thread_ids.append(thread)
+            thread = index
+        spans: list[Any] = [thread, peak]
         for ss in ts.startstops:
             spans += (ss.get("action"), ss.get("start"), ss.get("stop"))
             spans.append(ss.get("source"))
-        self._record(key, SPAN, tuple(spans))
+        payload = tuple(spans)
+        t = self._stamp()
+        self._slots_extend((key, payload))
+        if self._pending is not None:
+            self._pending.append((t, key, payload))
 
     def _peak(self, memory: Any, key: Any) -> int | None:
         peak_of = getattr(memory, "peak_of", None)
@@ -470,7 +514,8 @@ class Tracer(_Recorder, WorkerEntryPlugin):
         return peak if isinstance(peak, int) else None
 
     def _span_dicts(self, t: float, key: Any, payload: Any) -> Iterator[dict]:
-        thread, peak = payload[0], payload[1]
+        thread = self._thread_ids[payload[0]] if payload[0] is not None else None
+        peak = payload[1]
         text, prefix = _key_text(key), prefix_of(key)
         for i in range(2, len(payload), 4):
             kind, start, stop, source = payload[i : i + 4]
@@ -517,12 +562,13 @@ class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
     entry = ENTRY
 
     def on_setup(self, scheduler: Any) -> None:
+        self._tasks = scheduler.tasks
         self._start_recording(scheduler)
 
     def on_teardown(self, scheduler: Any) -> None:
         self._stop_recording(scheduler)
 
-    STRIDE = 4
+    STRIDE = 3
 
     @guards_itself
     def transition(
@@ -536,7 +582,17 @@ class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
         try:
             states = self._states
             if states is None or finish in states:
-                self._record(key, start, finish, kwargs.get("worker"))
+                # Keys arrive in messages as new str objects at each transition:
+                # keep the task's own key, so a task's events share one object.
+                ts = self._tasks.get(key)
+                if ts is not None:
+                    key = ts.key
+                t = self._stamp()
+                code = self._code(start, finish)
+                worker = kwargs.get("worker")
+                self._slots_extend((key, code, worker))
+                if self._pending is not None:
+                    self._pending.append((t, key, code, worker))
         except Exception as exc:
             self.report_error("transition", exc)
 
