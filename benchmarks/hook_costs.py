@@ -25,6 +25,7 @@ from array import array
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from overhead import inc, independent  # the map of tiny tasks, as measured there
 
 #: What each side's no-op plugin is called.
 NOOP = "bench.noop"
@@ -82,19 +83,8 @@ def read_worker(dask_worker: Any) -> dict[str, array]:
     return dask_worker._bench_totals
 
 
-def inc(x: int) -> int:
-    return x + 1
-
-
 def add(*xs: int) -> int:
     return sum(xs)
-
-
-def run_map(client: Any, n: int) -> int:
-    futures = client.map(inc, range(n), pure=False)
-    client.gather(futures)
-    del futures
-    return n
 
 
 def run_tree(client: Any, leaves: int) -> int:
@@ -141,7 +131,7 @@ def measure(client: Any, cluster: Any, tasks: int, leaves: int) -> dict[str, Any
         on_scheduler["WorkStealing"] = stealing
     sched_totals = _wrap(on_scheduler)
     client.run(wrap_worker)
-    count = run_map(client, tasks) + run_tree(client, leaves)
+    count = independent(client, tasks) + run_tree(client, leaves)
     _unwrap(on_scheduler)
     worker_totals: dict[str, array] = {}
     for per_worker in client.run(read_worker).values():
@@ -213,7 +203,7 @@ def main() -> None:
     ):
         for plugin in plugins(tmp):
             client.register_plugin(plugin)
-        run_map(client, min(args.tasks, 500))  # warm up
+        independent(client, min(args.tasks, 500))  # warm up
         for _ in range(args.repeats):
             got = measure(client, cluster, args.tasks, args.leaves)
             for side in ("scheduler", "worker"):
