@@ -33,6 +33,7 @@ __all__ = [
     "SchedulerEntryPlugin",
     "Settings",
     "WorkerEntryPlugin",
+    "guards_itself",
     "role_of",
 ]
 
@@ -468,6 +469,14 @@ class EntryPlugin:
                 self.last_error,
             )
 
+    def memory(self) -> int | None:
+        """Bytes of state this plugin holds that grows with work, by its own count.
+
+        None for an entry that keeps nothing per task beyond a few fixed
+        structures; entries with buffers (the tracer's ring) override it.
+        """
+        return None
+
     def status(self) -> dict[str, Any]:
         """What ``dask catalog status`` shows for this plugin."""
         return {
@@ -477,7 +486,22 @@ class EntryPlugin:
             "options": self.entry.masked(self.settings),
             "last_error": self.last_error,
             "errors": self.errors,
+            "memory": self.memory() if self.active else None,
         }
+
+
+def guards_itself(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a hot hook whose body catches its own errors (``report_error``).
+
+    Such a hook must accept any call, as the wrapper does: defaults for its
+    named parameters, ``*args, **kwargs``, and its whole body inside ``try``.
+
+    The scheduler calls ``transition`` several times per task with a dozen
+    keyword arguments; the wrapper of :func:`_guarded` repacks them once more
+    and adds a call, which costs more than a cheap hook's own work.
+    """
+    hook._catalog_guarded = True  # type: ignore[attr-defined]
+    return hook
 
 
 def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:

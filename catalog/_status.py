@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dask.utils import format_bytes
+
 from catalog._secrets import mask, mask_text
 from catalog._text import escape_control
 
@@ -99,6 +101,8 @@ def status_text(data: dict) -> str:
             state = "active" if entry["active"] else "INACTIVE"
             options = ", ".join(f"{k}={v!r}" for k, v in mask(entry["options"]).items())
             lines.append(f"  {name:<9} {state:<8} {options}")
+            if entry.get("memory") is not None:
+                lines.append(f"            holds {format_bytes(entry['memory'])}")
             if entry.get("last_error"):
                 error = mask_text(entry["last_error"])
                 lines.append(f"            last error ({entry['errors']}): {error}")

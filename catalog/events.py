@@ -8,7 +8,13 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from catalog._entry import Entry, Option, SchedulerEntryPlugin, entry_preload
+from catalog._entry import (
+    Entry,
+    Option,
+    SchedulerEntryPlugin,
+    entry_preload,
+    guards_itself,
+)
 from catalog._options import Integer, RotateSize, Text
 from catalog._prom import families_for
 from catalog._runtime import MAX_BACKUPS, JsonLinesFile, prefix_of
@@ -303,8 +309,25 @@ class EventLog(SchedulerEntryPlugin):
             prefixes=sorted(prefixes),
         )
 
+    @guards_itself
     def transition(
-        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+        self,
+        key: Any = None,
+        start: str = "",
+        finish: str = "",
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Called for every transition of every task: only two kinds count.
+        try:
+            if finish != "erred" and (finish != "released" or start != "processing"):
+                return
+            self._transition(key, start, finish, kwargs)
+        except Exception as exc:
+            self.report_error("transition", exc)
+
+    def _transition(
+        self, key: Any, start: str, finish: str, kwargs: dict[str, Any]
     ) -> None:
         if finish == "erred":
             # Dependents erred by blame carry no cause of their own: not listed.

@@ -6,6 +6,7 @@ import base64
 import logging
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +27,10 @@ from catalog._entry import (
     WorkerEntryPlugin,
     address_of,
     entry_preload,
+    guards_itself,
 )
 from catalog._http import MetricsServer
-from catalog._options import Duration, FloatList, Integer, Text
+from catalog._options import Boolean, Duration, FloatList, Integer, Text
 from catalog._runtime import prefix_of
 from catalog._secrets import mask_text
 
@@ -194,6 +196,14 @@ ENTRY = Entry(
             200,
             "Distinct task prefixes per server before the rest are reported as "
             'prefix="other".',
+        ),
+        Option(
+            "prefix-buckets",
+            Boolean(),
+            False,
+            "Keep every histogram bucket per task prefix (task_duration_seconds, "
+            "task_output_bytes, task_peak_memory_bytes, scheduler_task_wait_seconds); "
+            "off: those families are summaries, a count and a sum per prefix.",
         ),
         Option(
             "port",
@@ -449,7 +459,9 @@ class _MetricsBase:
 
     def _start_families(self, server: Any, labels: dict[str, str]) -> _prom.Families:
         s = self.settings
-        self.fam = _prom.Families(s.namespace, labels, s.max_prefixes)
+        self.fam = _prom.Families(
+            s.namespace, labels, s.max_prefixes, prefix_buckets=s.prefix_buckets
+        )
         _prom.attach(server, self.fam)
         _prom.register_process_collector()
         return self.fam
@@ -465,9 +477,26 @@ class _MetricsBase:
         if exporter is not None:
             self.exporter = None
             exporter.stop()
+        collector = getattr(self, "_collector", None)
+        if collector is not None:
+            _prom.remove_collector(server, collector)
         if _prom.families_for(server) is getattr(self, "fam", None):
             _prom.detach(server)
         self.fam = None
+
+    def memory(self) -> int | None:
+        """Bytes of the per-prefix numbers and of the tasks in flight."""
+        stats = dict(getattr(self, "_stats", {}))
+        total = sys.getsizeof(stats)
+        for st in stats.values():
+            total += sys.getsizeof(st) + sum(
+                sys.getsizeof(part)
+                for name in st.__slots__
+                for part in _parts(getattr(st, name))
+            )
+        pending = getattr(self, "_running", None) or getattr(self, "_ready", {})
+        # A key's own object belongs to distributed; the entry adds its slot.
+        return total + sys.getsizeof(pending) + 64 * len(pending)
 
     def _export_status(self) -> dict[str, Any]:
         exporter = getattr(self, "exporter", None)
@@ -481,6 +510,39 @@ class _MetricsBase:
         }
 
 
+def _parts(value: Any) -> Iterator[Any]:
+    """The containers inside one per-prefix number (histogram lists, dicts)."""
+    if isinstance(value, _prom.Histogram):
+        yield value.counts
+    elif isinstance(value, dict):
+        yield value
+
+
+class _WorkerPrefix:
+    """Plain per-prefix counts of a worker, written by the event loop only."""
+
+    __slots__ = (
+        "compute",
+        "duration",
+        "error",
+        "errors",
+        "finished",
+        "output",
+        "seen",
+        "success",
+    )
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.success = 0
+        self.error = 0
+        self.finished = False  # the outcome and histogram series exist
+        self.compute = 0.0  # seconds of finished runs
+        self.seen = 0.0  # the compute total last scraped (never step back)
+        self.duration = _prom.Histogram(buckets)
+        self.output = _prom.Histogram(OUTPUT_BUCKETS)
+        self.errors: dict[str, int] = {}
+
+
 class Metrics(_MetricsBase, WorkerEntryPlugin):
     """Per-prefix task metrics of a worker, for Prometheus.
 
@@ -489,10 +551,14 @@ class Metrics(_MetricsBase, WorkerEntryPlugin):
     dashboard ``/metrics``; ``port`` adds a standalone HTTP server and
     ``pushgateway`` pushes them.
 
+    The hook only adds to plain per-prefix numbers; the Prometheus families are
+    built from them when ``/metrics`` is scraped.
+
     Args:
         namespace: prefix of the family names (``dask_catalog``).
         buckets: histogram buckets in seconds.
         max_prefixes: distinct prefixes before ``prefix="other"``.
+        prefix_buckets: keep histogram buckets per prefix (else count and sum).
         port: serve this worker's families on this port too (0: a free one).
         host: where ``port`` binds (``127.0.0.1``).
         pushgateway: URL of a Prometheus Pushgateway.
@@ -516,83 +582,68 @@ class Metrics(_MetricsBase, WorkerEntryPlugin):
     entry = ENTRY
 
     def on_setup(self, worker: Any) -> None:
-        s = self.settings
         self.worker = worker
         self._tasks = worker.state.tasks
-        self._lock = threading.Lock()
-        self._running: dict[Any, tuple[str, float]] = {}
-        self._compute_done: dict[str, float] = {}
-        self._compute_seen: dict[str, float] = {}
-        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._buckets = tuple(self.settings.buckets)
+        # key -> (its prefix's numbers, monotonic start) while it runs.
+        self._running: dict[Any, tuple[_WorkerPrefix, float]] = {}
+        self._stats: dict[str, _WorkerPrefix] = {}
         self._exceptions: set[str] = set()
         fam = self._start_families(worker, {"worker": worker.address})
         self._prefix = fam.prefix
-        self._duration = fam.histogram(
-            "task_duration_seconds",
-            "Execution time of finished tasks.",
-            ["prefix"],
-            buckets=s.buckets,
-        )
-        self._outcomes = fam.counter(
-            "tasks",
-            "Tasks finished, by outcome (success or error).",
-            ["prefix", "outcome"],
-        )
-        self._errors = fam.counter(
-            "task_errors",
-            "Tasks that raised, by exception type.",
-            ["prefix", "exception"],
-        )
-        self._output = fam.histogram(
-            "task_output_bytes",
-            "Size of each task's result.",
-            ["prefix"],
-            buckets=OUTPUT_BUCKETS,
-        )
-        fam.extra_collectors.append(_WorkerCollector(self))
+        self._collector = _WorkerCollector(self)
+        _prom.add_collector(worker, self._collector)
         self._start_export(worker)
 
     def on_teardown(self, worker: Any) -> None:
         self._stop_families(worker)
 
-    def _children_of(self, label: str) -> tuple[Any, Any, Any, Any]:
-        children = self._children.get(label)
-        if children is None:
-            children = self._children[label] = (
-                self._duration.labels(label),
-                self._outcomes.labels(label, "success"),
-                self._outcomes.labels(label, "error"),
-                self._output.labels(label),
-            )
-        return children
+    def _stats_of(self, key: Any) -> _WorkerPrefix:
+        ts = self._tasks.get(key)
+        label = self._prefix(ts.prefix if ts is not None else prefix_of(key))
+        stats = self._stats.get(label)
+        if stats is None:
+            stats = self._stats[label] = _WorkerPrefix(self._buckets)
+        return stats
 
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if finish == "executing":
-            if key not in self._running:
-                ts = self._tasks.get(key)
-                label = self._prefix(ts.prefix if ts is not None else prefix_of(key))
-                with self._lock:
-                    self._running[key] = (label, time.monotonic())
-            return
-        if finish in _RUNNING or key not in self._running:
-            return
-        with self._lock:
-            label, began = self._running.pop(key)
+    @guards_itself
+    def transition(
+        self,
+        key: Any = None,
+        start: str = "",
+        finish: str = "",
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            if finish == "executing":
+                if key not in self._running:
+                    self._running[key] = (self._stats_of(key), time.monotonic())
+                return
+            if finish in _RUNNING:
+                return
+            run = self._running.pop(key, None)
+            if run is None:
+                return
+            stats, began = run
             elapsed = time.monotonic() - began
-            self._compute_done[label] = self._compute_done.get(label, 0.0) + elapsed
-        if finish == "memory":
-            duration, success, _, output = self._children_of(label)
-            ts = self._tasks.get(key)
-            duration.observe(_compute_time(ts, elapsed))
-            success.inc()
-            if ts is not None and ts.nbytes is not None:
-                output.observe(ts.nbytes)
-        elif finish == "error":
-            duration, _, error, _ = self._children_of(label)
-            ts = self._tasks.get(key)
-            duration.observe(_compute_time(ts, elapsed))
-            error.inc()
-            self._errors.labels(label, self._exception_label(ts)).inc()
+            stats.compute += elapsed
+            if finish == "memory":
+                stats.finished = True
+                ts = self._tasks.get(key)
+                stats.duration.observe(_compute_time(ts, elapsed))
+                stats.success += 1
+                if ts is not None and ts.nbytes is not None:
+                    stats.output.observe(ts.nbytes)
+            elif finish == "error":
+                stats.finished = True
+                ts = self._tasks.get(key)
+                stats.duration.observe(_compute_time(ts, elapsed))
+                stats.error += 1
+                name = self._exception_label(ts)
+                stats.errors[name] = stats.errors.get(name, 0) + 1
+        except Exception as exc:
+            self.report_error("transition", exc)
 
     def _exception_label(self, ts: Any) -> str:
         text = getattr(ts, "exception_text", "") or ""
@@ -618,56 +669,117 @@ def _compute_time(ts: Any, fallback: float) -> float:
 
 
 class _WorkerCollector:
-    """Scrape-time values: compute seconds, executing tasks, memory limit."""
+    """The worker's families, built from the plugin's plain numbers at scrape time."""
 
     def __init__(self, plugin: Metrics) -> None:
         self.plugin = plugin
-        ns = plugin.settings.namespace
-        self.compute_name = f"{ns}_task_compute_seconds"
-        self.executing_name = f"{ns}_tasks_executing"
-        self.limit_name = f"{ns}_worker_memory_limit_bytes"
-        self.address = plugin.worker.address
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self, fam: _prom.Families) -> Iterator[Metric]:
         p = self.plugin
+        ns, address = fam.namespace, p.worker.address
         now = time.monotonic()
-        with p._lock:
-            totals = dict(p._compute_done)
-            executing: dict[str, int] = {}
-            for label, began in p._running.values():
-                totals[label] = totals.get(label, 0.0) + (now - began)
-                executing[label] = executing.get(label, 0) + 1
-            # A cancelled task's time moves from running to done: never let a
-            # counter step back between two scrapes.
-            seen = p._compute_seen
-            for label, value in totals.items():
-                if value < seen.get(label, 0.0):
-                    totals[label] = seen[label]
-                else:
-                    seen[label] = value
+        # The hook writes on the event loop; a scrape may run in another thread
+        # (standalone port, pusher): dict copies are atomic, iterating is not.
+        stats = dict(p._stats)
+        running = list(p._running.values())
+        totals = {label: st.compute for label, st in stats.items()}
+        executing = dict.fromkeys(stats, 0)
+        by_stats = {id(st): label for label, st in stats.items()}
+        for st, began in running:
+            label = by_stats.get(id(st))
+            if label is not None:
+                totals[label] += now - began
+                executing[label] += 1
+        finished = [(label, st) for label, st in stats.items() if st.finished]
+        worker_prefix = ["worker", "prefix"]
+
+        tasks = CounterMetricFamily(
+            f"{ns}_tasks",
+            "Tasks finished, by outcome (success or error).",
+            labels=["worker", "prefix", "outcome"],
+        )
+        errors = CounterMetricFamily(
+            f"{ns}_task_errors",
+            "Tasks that raised, by exception type.",
+            labels=["worker", "prefix", "exception"],
+        )
+        for label, st in finished:
+            tasks.add_metric([address, label, "success"], st.success)
+            if st.error:
+                # 200 prefixes x a zero series each were an eighth of a scrape;
+                # the error series starts with the first error, as
+                # task_errors_total{exception} always did.
+                tasks.add_metric([address, label, "error"], st.error)
+            for name, count in list(st.errors.items()):
+                errors.add_metric([address, label, name], count)
+        yield tasks
+        yield errors
+        yield self._histogram(
+            fam,
+            "task_duration_seconds",
+            "Execution time of finished tasks.",
+            [(label, st.duration) for label, st in finished],
+        )
+        yield self._histogram(
+            fam,
+            "task_output_bytes",
+            "Size of each task's result.",
+            [(label, st.output) for label, st in finished],
+        )
         compute = CounterMetricFamily(
-            self.compute_name,
+            f"{ns}_task_compute_seconds",
             "Compute time of tasks, including the time so far of tasks still running.",
-            labels=["worker", "prefix"],
+            labels=worker_prefix,
         )
         for label, value in totals.items():
-            compute.add_metric([self.address, label], value)
+            # A cancelled task's time moves from running to done: never let a
+            # counter step back between two scrapes.
+            st = stats[label]
+            st.seen = value = max(value, st.seen)
+            compute.add_metric([address, label], value)
         yield compute
         gauge = GaugeMetricFamily(
-            self.executing_name, "Tasks executing now.", labels=["worker", "prefix"]
+            f"{ns}_tasks_executing", "Tasks executing now.", labels=worker_prefix
         )
-        for label in totals:
-            gauge.add_metric([self.address, label], executing.get(label, 0))
+        for label, count in executing.items():
+            gauge.add_metric([address, label], count)
         yield gauge
         limit = GaugeMetricFamily(
-            self.limit_name,
+            f"{ns}_worker_memory_limit_bytes",
             "The worker's memory limit (absent when the worker has none).",
             labels=["worker"],
         )
         memory_limit = getattr(p.worker.memory_manager, "memory_limit", None)
         if memory_limit:
-            limit.add_metric([self.address], memory_limit)
+            limit.add_metric([address], memory_limit)
         yield limit
+
+    def _histogram(
+        self,
+        fam: _prom.Families,
+        name: str,
+        doc: str,
+        series: list[tuple[str, _prom.Histogram]],
+    ) -> Metric:
+        address = self.plugin.worker.address
+        return _prom.histogram_family(
+            f"{fam.namespace}_{name}",
+            doc,
+            ["worker", "prefix"],
+            [((address, label), h) for label, h in series],
+            per_bucket=fam.prefix_buckets,
+        )
+
+
+class _SchedulerPrefix:
+    """Plain per-prefix counts of the scheduler, written by its event loop."""
+
+    __slots__ = ("error", "success", "wait")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.success = 0
+        self.error = 0
+        self.wait = _prom.Histogram(buckets)
 
 
 class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
@@ -698,64 +810,90 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
     entry = ENTRY
 
     def on_setup(self, scheduler: Any) -> None:
-        s = self.settings
         self._tasks = scheduler.tasks
         self._workers = scheduler.workers
+        self._buckets = tuple(self.settings.buckets)
         self._ready: dict[Any, float] = {}
-        self._children: dict[str, tuple[Any, Any, Any]] = {}
-        fam = self._start_families(scheduler, {})
-        self._prefix = fam.prefix
-        self._wait = fam.histogram(
-            "scheduler_task_wait_seconds",
-            "Time from a task being ready on the scheduler to its computation "
-            "starting on a worker.",
-            ["prefix"],
-            buckets=s.buckets,
-        )
-        self._outcomes = fam.counter(
-            "scheduler_tasks",
-            "Tasks finished on the scheduler, by outcome (success or error).",
-            ["prefix", "outcome"],
-        )
+        self._stats: dict[str, _SchedulerPrefix] = {}
+        self._prefix = self._start_families(scheduler, {}).prefix
+        self._collector = _SchedulerCollector(self)
+        _prom.add_collector(scheduler, self._collector)
         self._start_export(scheduler)
 
     def on_teardown(self, scheduler: Any) -> None:
         self._stop_families(scheduler)
         self._ready = {}
 
+    @guards_itself
     def transition(
-        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+        self,
+        key: Any = None,
+        start: str = "",
+        finish: str = "",
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
-        if finish in _READY:
-            if key not in self._ready:
-                self._ready[key] = time.time()
-            return
-        ready = self._ready.pop(key, None)
-        if start != "processing" or (finish != "memory" and finish != "erred"):
-            return
-        ts = self._tasks.get(key)
-        label = self._prefix(ts.prefix.name if ts is not None else prefix_of(key))
-        children = self._children.get(label)
-        if children is None:
-            children = self._children[label] = (
-                self._outcomes.labels(label, "success"),
-                self._outcomes.labels(label, "error"),
-                self._wait.labels(label),
-            )
-        success, error, wait_seconds = children
-        (success if finish == "memory" else error).inc()
-        if ready is None:
-            return
-        for startstop in kwargs.get("startstops") or ():
-            if startstop["action"] == "compute":
-                ws = self._workers.get(kwargs.get("worker"))
-                offset = ws.time_delay if ws is not None else 0.0
-                wait = startstop["start"] + offset - ready
-                wait_seconds.observe(max(0.0, wait))
-                break
+        # Called for every transition of every task: decide on the two state
+        # names first, and touch nothing else for the many that do not count.
+        try:
+            if finish in _READY:
+                if key not in self._ready:
+                    self._ready[key] = time.time()
+                return
+            if start not in _READY:
+                return
+            ready = self._ready.pop(key, None)
+            if start != "processing" or (finish != "memory" and finish != "erred"):
+                return
+            ts = self._tasks.get(key)
+            label = self._prefix(ts.prefix.name if ts is not None else prefix_of(key))
+            stats = self._stats.get(label)
+            if stats is None:
+                stats = self._stats[label] = _SchedulerPrefix(self._buckets)
+            if finish == "memory":
+                stats.success += 1
+            else:
+                stats.error += 1
+            if ready is None:
+                return
+            for startstop in kwargs.get("startstops") or ():
+                if startstop["action"] == "compute":
+                    ws = self._workers.get(kwargs.get("worker"))
+                    offset = ws.time_delay if ws is not None else 0.0
+                    stats.wait.observe(max(0.0, startstop["start"] + offset - ready))
+                    break
+        except Exception as exc:
+            self.report_error("transition", exc)
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), **self._export_status()}
+
+
+class _SchedulerCollector:
+    """The scheduler's families, built from the plugin's numbers at scrape time."""
+
+    def __init__(self, plugin: SchedulerMetrics) -> None:
+        self.plugin = plugin
+
+    def collect(self, fam: _prom.Families) -> Iterator[Metric]:
+        stats = dict(self.plugin._stats)
+        tasks = CounterMetricFamily(
+            f"{fam.namespace}_scheduler_tasks",
+            "Tasks finished on the scheduler, by outcome (success or error).",
+            labels=["prefix", "outcome"],
+        )
+        for label, st in stats.items():
+            tasks.add_metric([label, "success"], st.success)
+            tasks.add_metric([label, "error"], st.error)
+        yield _prom.histogram_family(
+            f"{fam.namespace}_scheduler_task_wait_seconds",
+            "Time from a task being ready on the scheduler to its computation "
+            "starting on a worker.",
+            ["prefix"],
+            [((label,), st.wait) for label, st in stats.items()],
+            per_bucket=fam.prefix_buckets,
+        )
+        yield tasks
 
 
 dask_setup, dask_teardown = entry_preload(

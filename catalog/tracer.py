@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
+import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, get_args
@@ -21,8 +24,9 @@ from catalog._entry import (
     SchedulerEntryPlugin,
     WorkerEntryPlugin,
     entry_preload,
+    guards_itself,
 )
-from catalog._options import Choice, Duration, Integer, Text
+from catalog._options import Choice, Duration, Integer, Size, Text
 from catalog._prom import add_collector, remove_collector
 from catalog._runtime import (
     JsonLinesFile,
@@ -66,8 +70,15 @@ ENTRY = Entry(
             "capacity",
             Integer(1),
             1_000_000,
-            "Events kept per server in a ring buffer; older ones are dropped "
-            "and counted.",
+            "Events kept per server in a ring buffer at most; older ones are "
+            "dropped and counted.",
+        ),
+        Option(
+            "max-memory",
+            Size(),
+            "16MiB",
+            "Memory the ring buffer may hold per server: it keeps at most this "
+            "divided by 96 bytes events (fewer when capacity is lower).",
         ),
         Option(
             "dir",
@@ -99,8 +110,15 @@ ENTRY = Entry(
 
 #: Marks a span record in the ring (in place of the start state).
 SPAN = "<span>"
-#: Slots per record in the flat ring: (time, key, start, finish).
-WIDTH = 4
+#: The ring's budget per event: ``max-memory // EVENT_BYTES`` events at most.
+#: An event takes 25 bytes of slots (33 on the scheduler) plus its share of the
+#: keys and spans only the ring still holds: 55-75 bytes measured for keys of
+#: 20-45 characters (benchmarks/tracer_hook.py); 96 leaves room for longer keys.
+EVENT_BYTES = 96
+#: Strings the ring shares with distributed: not counted in its memory.
+_SHARED = frozenset(
+    {*STATES, SPAN, "compute", "transfer", "disk-read", "disk-write", "deserialize"}
+)
 #: Worker states a task computes in, and the states a computed task ends in.
 RUNNING = frozenset({"executing", "long-running", "resumed"})
 FINISHED = frozenset({"memory", "error"})
@@ -115,20 +133,28 @@ def _key_text(key: Any) -> str:
 class _Recorder:
     """What the worker and scheduler halves share: the ring, the file, status.
 
-    The ring is one ``deque`` of flat slots, ``WIDTH`` per record: ``extend``
-    with a 4-tuple is one C call, and a buffered record costs four pointers and
-    one float (about 56 bytes) instead of a tuple object.
+    The ring keeps its newest ``capacity`` records in plain storage that
+    nothing is built for per event: the times in an ``array("d")`` (8 bytes,
+    no float objects) and the other fields in a ``deque`` of ``STRIDE`` slots
+    per record: the key and a small int naming the (start, finish) pair
+    (Python's cached small ints: no object either); a finished task's spans
+    take the pair's slot as one flat tuple.
     """
 
     settings: Any
     server: Any
     role: str
+    #: Slots per record: worker (key, pair code or spans), scheduler adds worker.
+    STRIDE = 2
 
     def _start_recording(self, server: Any) -> None:
         s = self.settings
-        self._ring: deque[Any] = deque(maxlen=WIDTH * s.capacity)
-        self._extend = self._ring.extend
-        self._appended = 0
+        self._cap = max(1, min(s.capacity, s.max_memory // EVENT_BYTES))
+        self._codes: dict[tuple[str, str], int] = {}
+        self._pairs: list[tuple[str, str]] = []
+        self._threads_seen: dict[Any, int] = {}
+        self._thread_ids: list[Any] = []
+        self._new_ring()
         self._clock = time.time
         self._states = frozenset(s.states) if s.states else None
         self._pending: deque[tuple[Any, ...]] | None = None
@@ -151,6 +177,32 @@ class _Recorder:
         self._collector = _Collector(self)
         add_collector(server, self._collector)
 
+    def _new_ring(self) -> None:
+        self._times = array("d")
+        self._times_append = self._times.append
+        self._slots: deque[Any] = deque(maxlen=self.STRIDE * self._cap)
+        self._slots_extend = self._slots.extend
+        self._appended = 0
+
+    def _code(self, start: str, finish: str) -> int:
+        """The small int naming a (start, finish) pair in this ring."""
+        code = self._codes.get((start, finish))
+        if code is None:
+            code = self._codes[start, finish] = len(self._pairs)
+            self._pairs.append((start, finish))
+        return code
+
+    def _stamp(self) -> float:
+        """The time of a new record, stored; the caller stores its slots next."""
+        t = self._clock()
+        n = self._appended
+        if n < self._cap:
+            self._times_append(t)
+        else:  # full: overwrite the oldest, which the slots' deque drops too
+            self._times[n % self._cap] = t
+        self._appended = n + 1
+        return t
+
     def _stop_recording(self, server: Any) -> None:
         collector = getattr(self, "_collector", None)
         if collector is not None:
@@ -169,7 +221,7 @@ class _Recorder:
                 self.address,
                 dropped,
                 self._appended,
-                self.settings.capacity,
+                self._cap,
             )
 
     def file_name(self) -> str:
@@ -180,13 +232,51 @@ class _Recorder:
 
     # -- counts -----------------------------------------------------------
     @property
+    def capacity(self) -> int:
+        """Events the ring keeps: ``capacity``, or fewer to fit ``max-memory``."""
+        return getattr(self, "_cap", self.settings.capacity)
+
+    @property
     def buffered(self) -> int:
-        ring = getattr(self, "_ring", None)
-        return len(ring) // WIDTH if ring is not None else 0
+        times = getattr(self, "_times", None)
+        return len(times) if times is not None else 0
 
     @property
     def dropped(self) -> int:
         return getattr(self, "_appended", 0) - self.buffered
+
+    def memory(self) -> int:
+        """Bytes the ring holds: its storage, and what only the ring keeps alive.
+
+        Keys and span payloads are counted once each, as if only the ring held
+        them; state names, span kinds and worker addresses (shared with
+        distributed) and Python's cached small ints are not.
+        """
+        times = getattr(self, "_times", None)
+        if times is None:
+            return 0
+        slots = list(self._slots)
+        total = sys.getsizeof(times) + sys.getsizeof(self._slots)
+        seen: set[int] = set()
+
+        def add(obj: Any) -> None:
+            nonlocal total
+            if obj is None or id(obj) in seen or obj in _SHARED:
+                return
+            if type(obj) is int and -5 <= obj <= 256:
+                return
+            seen.add(id(obj))
+            total += sys.getsizeof(obj)
+
+        w = self.STRIDE
+        for i in range(0, len(slots), w):
+            add(slots[i])
+            payload = slots[i + 1]
+            if type(payload) is tuple:
+                add(payload)
+                for item in payload:
+                    add(item)
+        return total
 
     def status(self) -> dict[str, Any]:
         out = super().status()  # type: ignore[misc]
@@ -195,6 +285,7 @@ class _Recorder:
             recorded=getattr(self, "_appended", 0),
             buffered=self.buffered,
             dropped=self.dropped,
+            capacity=self.capacity,
             file=file.path if file is not None else None,
             written=file.written if file is not None else 0,
         )
@@ -211,8 +302,23 @@ class _Recorder:
         }
 
     def _records(self) -> Iterator[tuple[Any, ...]]:
-        it = iter(list(self._ring))
-        return zip(it, it, it, it, strict=False)
+        """``(time, key, start, finish, worker)`` of every buffered record, oldest
+        first (``worker`` is None on workers; a span has ``start`` SPAN and its
+        payload as ``finish``)."""
+        times, slots, w = list(self._times), list(self._slots), self.STRIDE
+        first = self._appended % self._cap if self._appended > self._cap else 0
+        order = itertools.chain(range(first, len(times)), range(first))
+        for n, i in enumerate(order):
+            record = slots[n * w : n * w + w]
+            yield self._decode(times[i], *record)
+
+    def _decode(
+        self, t: float, key: Any, second: Any, worker: Any = None
+    ) -> tuple[Any, ...]:
+        if type(second) is tuple:
+            return (t, key, SPAN, second, None)
+        start, finish = self._pairs[second]
+        return (t, key, start, finish, worker)
 
     def _drain(self) -> list[tuple[Any, ...]]:
         # Runs in the file's flush thread while the event loop appends: popleft
@@ -220,12 +326,13 @@ class _Recorder:
         pending = self._pending
         if not pending:
             return []
-        take = pending.popleft
-        return [take() for _ in range(len(pending))]
+        take, decode = pending.popleft, self._decode
+        return [decode(*take()) for _ in range(len(pending))]
 
     def _as_dicts(self, records: Iterable[tuple[Any, ...]]) -> Iterator[dict]:
         prefix = prefix_of
-        for t, key, start, finish in records:
+        for record in records:
+            t, key, start, finish = record[:4]
             if start is SPAN:
                 yield from self._span_dicts(t, key, finish)
             else:
@@ -237,13 +344,12 @@ class _Recorder:
                     "start": start,
                     "finish": finish,
                 }
-                if isinstance(finish, tuple):  # scheduler: (state, worker)
-                    event["finish"], worker = finish
-                    if worker:
-                        event["worker"] = worker
+                worker = record[4] if len(record) > 4 else None
+                if worker:
+                    event["worker"] = worker
                 yield event
 
-    def _span_dicts(self, thread: Any, key: Any, payload: Any) -> Iterator[dict]:
+    def _span_dicts(self, t: float, key: Any, payload: Any) -> Iterator[dict]:
         return iter(())
 
     def snapshot(self, clear: bool = False) -> dict[str, Any]:
@@ -251,14 +357,13 @@ class _Recorder:
         events = list(self._as_dicts(self._records()))
         out = {
             **self._header(),
-            "capacity": self.settings.capacity,
+            "capacity": self.capacity,
             "recorded": self._appended,
             "dropped": self.dropped,
             "events": events,
         }
         if clear:
-            self._ring.clear()
-            self._appended = 0
+            self._new_ring()
         return out
 
 
@@ -355,41 +460,53 @@ class Tracer(_Recorder, WorkerEntryPlugin):
     def on_teardown(self, worker: Any) -> None:
         self._stop_recording(worker)
 
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        states = self._states
-        if states is None or finish in states:
-            record = (self._clock(), key, start, finish)
-            self._extend(record)
-            self._appended += 1
-            if self._pending is not None:
-                self._pending.append(record)
-        if finish in FINISHED and start in RUNNING:
-            self._finished(key)
+    @guards_itself
+    def transition(
+        self,
+        key: Any = None,
+        start: str = "",
+        finish: str = "",
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            states = self._states
+            if states is None or finish in states:
+                t = self._stamp()
+                code = self._code(start, finish)
+                self._slots_extend((key, code))
+                if self._pending is not None:
+                    self._pending.append((t, key, code))
+            if finish in FINISHED and start in RUNNING:
+                self._finished(key)
+        except Exception as exc:
+            self.report_error("transition", exc)
 
     def _finished(self, key: Any) -> None:
         ts = self._tasks.get(key)
         if ts is None or not ts.startstops:
             return
-        # Flat (action, start, stop, source) quadruples: the floats are shared
-        # with distributed's dicts, which are then free to go.
-        spans: tuple[Any, ...] = ()
-        for ss in ts.startstops:
-            spans += (
-                ss.get("action"),
-                ss.get("start"),
-                ss.get("stop"),
-                ss.get("source"),
-            )
         memory = self._plugins.get("catalog.memory")
-        if memory is not None:
-            spans = (self._peak(memory, key), *spans)
-        else:
-            spans = (None, *spans)
-        record = (self._threads.get(key), key, SPAN, spans)
-        self._extend(record)
-        self._appended += 1
+        peak = self._peak(memory, key) if memory is not None else None
+        # One flat tuple: the thread's index (a small int, no object), the
+        # peak, then (action, start, stop, source) per startstop; the floats
+        # are shared with distributed's dicts, which are then free to go.
+        thread = self._threads.get(key)
+        if thread is not None:
+            index = self._threads_seen.get(thread)
+            if index is None:
+                index = self._threads_seen[thread] = len(self._thread_ids)
+                self._thread_ids.append(thread)
+            thread = index
+        spans: list[Any] = [thread, peak]
+        for ss in ts.startstops:
+            spans += (ss.get("action"), ss.get("start"), ss.get("stop"))
+            spans.append(ss.get("source"))
+        payload = tuple(spans)
+        t = self._stamp()
+        self._slots_extend((key, payload))
         if self._pending is not None:
-            self._pending.append(record)
+            self._pending.append((t, key, payload))
 
     def _peak(self, memory: Any, key: Any) -> int | None:
         peak_of = getattr(memory, "peak_of", None)
@@ -402,10 +519,11 @@ class Tracer(_Recorder, WorkerEntryPlugin):
             return None
         return peak if isinstance(peak, int) else None
 
-    def _span_dicts(self, thread: Any, key: Any, payload: Any) -> Iterator[dict]:
-        peak = payload[0]
+    def _span_dicts(self, t: float, key: Any, payload: Any) -> Iterator[dict]:
+        thread = self._thread_ids[payload[0]] if payload[0] is not None else None
+        peak = payload[1]
         text, prefix = _key_text(key), prefix_of(key)
-        for i in range(1, len(payload), 4):
+        for i in range(2, len(payload), 4):
             kind, start, stop, source = payload[i : i + 4]
             if start is None or stop is None:
                 continue
@@ -450,21 +568,39 @@ class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
     entry = ENTRY
 
     def on_setup(self, scheduler: Any) -> None:
+        self._tasks = scheduler.tasks
         self._start_recording(scheduler)
 
     def on_teardown(self, scheduler: Any) -> None:
         self._stop_recording(scheduler)
 
+    STRIDE = 3
+
+    @guards_itself
     def transition(
-        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+        self,
+        key: Any = None,
+        start: str = "",
+        finish: str = "",
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
-        states = self._states
-        if states is None or finish in states:
-            record = (self._clock(), key, start, (finish, kwargs.get("worker")))
-            self._extend(record)
-            self._appended += 1
-            if self._pending is not None:
-                self._pending.append(record)
+        try:
+            states = self._states
+            if states is None or finish in states:
+                # Keys arrive in messages as new str objects at each transition:
+                # keep the task's own key, so a task's events share one object.
+                ts = self._tasks.get(key)
+                if ts is not None:
+                    key = ts.key
+                t = self._stamp()
+                code = self._code(start, finish)
+                worker = kwargs.get("worker")
+                self._slots_extend((key, code, worker))
+                if self._pending is not None:
+                    self._pending.append((t, key, code, worker))
+        except Exception as exc:
+            self.report_error("transition", exc)
 
 
 dask_setup, dask_teardown = entry_preload(

@@ -111,6 +111,7 @@ def test_entry_shape():
         "namespace",
         "buckets",
         "max-prefixes",
+        "prefix-buckets",
         "port",
         "host",
         "port-certfile",
@@ -888,3 +889,61 @@ def test_prometheus_scrapes_the_port_with_basic_auth_and_tls(
     refused = wait_until(anonymous, timeout=60)
     assert "401" in refused["lastError"]
     assert password not in worker.output
+
+
+# -- the scrape an operator pays for ---------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=120)
+async def test_a_scrape_of_200_prefixes_with_every_entry_stays_small(c, s, a):
+    # Issue #16: 840 kB on v1 (every histogram bucket of every prefix).
+    await c.register_plugin(Metrics())
+    await c.register_plugin(catalog.MemoryGuard())
+    await c.register_plugin(catalog.Tracer())
+    await c.register_plugin(catalog.Watchdog())
+    futures = [
+        c.submit(inc, j, key=f"prefix{i:03d}-{j}") for i in range(200) for j in range(3)
+    ]
+    await c.gather(futures)
+    text = scrape_of(a)
+    assert len(label_values(text, "dask_catalog_tasks_total", "prefix")) == 200
+    assert value(text, "dask_catalog_tasks_total", outcome="success") == 600
+    assert value(text, "dask_catalog_task_duration_seconds_count") == 600
+    assert len(text.encode()) <= 150_000, len(text.encode())
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_prefix_buckets_keeps_the_same_families_with_every_bucket(c, s, a):
+    def families(text):
+        return {f.name: f.type for f in text_string_to_metric_families(text)}
+
+    await c.register_plugin(Metrics())
+    await c.register_plugin(SchedulerMetrics())
+    await c.gather(c.map(inc, range(5)))
+    off, off_s = scrape_of(a), scrape_of(s)
+    # Off (the default): a count and a sum per prefix, exact.
+    assert families(off)["dask_catalog_task_duration_seconds"] == "summary"
+    assert "dask_catalog_task_duration_seconds_bucket" not in off
+    assert value(off, "dask_catalog_task_duration_seconds_count", prefix="inc") == 5
+    assert value(off, "dask_catalog_task_output_bytes_count", prefix="inc") == 5
+    assert (
+        value(off_s, "dask_catalog_scheduler_task_wait_seconds_count", prefix="inc")
+        == 5
+    )
+    await c.register_plugin(Metrics(prefix_buckets=True))
+    await c.register_plugin(SchedulerMetrics(prefix_buckets=True))
+    await c.gather(c.map(inc, range(10, 15)))
+    on, on_s = scrape_of(a), scrape_of(s)
+    assert families(on)["dask_catalog_task_duration_seconds"] == "histogram"
+    assert families(on_s)["dask_catalog_scheduler_task_wait_seconds"] == "histogram"
+    buckets = [
+        lab["le"]
+        for n, lab, _ in samples(on)
+        if n == "dask_catalog_task_duration_seconds_bucket" and lab["prefix"] == "inc"
+    ]
+    assert len(buckets) == len(DEFAULT_BUCKETS) + 1
+    assert (
+        value(on, "dask_catalog_task_duration_seconds_bucket", prefix="inc", le="+Inf")
+        == 5
+    )
+    assert value(on, "dask_catalog_task_duration_seconds_count", prefix="inc") == 5

@@ -96,6 +96,7 @@ def test_defaults_and_names():
     assert catalog.SchedulerTracer().name == "catalog.tracer"
     assert t.settings.as_dict() == {
         "capacity": 1_000_000,
+        "max_memory": 16 * 2**20,
         "dir": None,
         "flush_interval": 1.0,
         "states": (),
@@ -362,7 +363,7 @@ async def test_worker_records_transitions_and_spans(c, s, a):
     assert len(compute) == 7  # exactly one per task
     assert all(isinstance(e["thread"], int) for e in compute)
     assert all(e["stop"] >= e["start"] for e in spans)
-    assert snap["dropped"] == 0 and snap["recorded"] == len(plugin._ring) // 4
+    assert snap["dropped"] == 0 and snap["recorded"] == plugin.buffered
     assert plugin.status()["recorded"] == snap["recorded"]
 
 
@@ -660,3 +661,35 @@ def test_bad_cli_value_exits_2(flag, value):
     assert result.returncode == 2, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert error and flag in error[0] and value in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Footprint (issue #22 point 12)
+# ---------------------------------------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=120)
+async def test_ring_memory_stays_within_max_memory(c, s, a):
+    # v1 kept 1,000,000 events per server whatever they cost (~90 MB full).
+    await c.register_plugin(catalog.Tracer(max_memory="64KiB"))
+    await c.register_plugin(catalog.SchedulerTracer(max_memory="64KiB"))
+    worker, scheduler = a.plugins["catalog.tracer"], s.plugins["catalog.tracer"]
+    assert worker.capacity == scheduler.capacity == 64 * 1024 // 96
+    held = []
+    for _ in range(4):
+        await c.gather(c.map(abs, range(500), pure=False))
+        held.append((worker.memory(), scheduler.memory()))
+    assert worker.dropped > 0 and scheduler.dropped > 0
+    assert worker.buffered == scheduler.buffered == 64 * 1024 // 96
+    for on_worker, on_scheduler in held:
+        assert 0 < on_worker <= 64 * 1024 and 0 < on_scheduler <= 64 * 1024
+    # The status shows the same account, and the ring still reads back whole.
+    assert worker.status()["memory"] == worker.memory()
+    events = worker.snapshot()["events"]
+    assert len(events) > 0 and {"transition", "span"} >= {e["type"] for e in events}
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_default_ring_fits_16_mib(c, s, a):
+    await c.register_plugin(catalog.Tracer())
+    assert a.plugins["catalog.tracer"].capacity == 16 * 2**20 // 96
