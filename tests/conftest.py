@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import distributed.utils_test  # noqa: F401
 import pytest
 
+# isort: off
 import catalog  # noqa: F401  (must come before distributed.utils_test)
+import distributed.utils_test  # noqa: F401
+
+# isort: on
 
 pytest_plugins = ["tests.procs"]
 
