@@ -718,15 +718,36 @@ class MemoryGuard(WorkerEntryPlugin):
             f"{format_bytes(rss)}; restarting the worker gracefully (the scheduler "
             f"moves its results to other workers first); {comeback}",
         )
-        run_soon(worker, self._restart_worker, worker, bool(nanny))
+        run_soon(worker, self._restart_worker, worker)
 
-    async def _restart_worker(self, worker: Any, restart: bool) -> None:
+    async def _restart_worker(self, worker: Any) -> None:
+        """Retire the worker's results through the scheduler, then restart it.
+
+        ``Worker.close_gracefully(restart=True)`` is not enough: its process
+        cannot exit while the unstoppable task's thread runs (the executor's
+        threads are joined at exit). The scheduler's ``restart_workers`` has the
+        nanny stop the process, killing it when it will not stop; a worker
+        without a nanny is closed instead.
+        """
+        address = worker.address
+        stimulus_id = f"catalog-memory-restart-{time.time()}"
         try:
-            await worker.close_gracefully(
-                restart=restart, reason="catalog.memory: a task cannot be stopped"
+            await worker.scheduler.retire_workers(
+                workers=[address],
+                close_workers=False,
+                remove=False,
+                stimulus_id=stimulus_id,
             )
-        except Exception as exc:
-            self.report_error("restarting the worker", exc)
+            await worker.scheduler.restart_workers(
+                workers=[address],
+                timeout=30,
+                wait_for_workers=False,
+                on_error="return",
+                stimulus_id=stimulus_id,
+            )
+        except Exception as exc:  # the worker may be gone before the answer
+            if worker.status not in (Status.closing, Status.closed):
+                self.report_error("restarting the worker", exc)
 
     def _act(
         self,
