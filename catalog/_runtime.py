@@ -384,6 +384,9 @@ class Firing:
     escalated: bool = False
     #: The class the next delivery raises, built once for all its retries.
     armed: type[TaskInterrupt] | None = None
+    #: The last :meth:`fire` found the previous interrupt still pending (the
+    #: thread sits in C code) and left it in place: nothing new was raised.
+    kept_pending: bool = False
 
     def fire(
         self,
@@ -398,9 +401,12 @@ class Firing:
         stays in place and counts as this attempt: firing again would change
         nothing.
         """
+        self.kept_pending = False
         if self.settle():
             return True
-        if not pending(self.fired):
+        if pending(self.fired):
+            self.kept_pending = True
+        else:
             if self.armed is None:
                 self.armed = arm(exc_type, message)
             fired = interrupt_task(worker, self.thread, key, self.armed, message)

@@ -652,6 +652,8 @@ class MemoryGuard(WorkerEntryPlugin):
         if not rec.firing.fire(worker, rec.key, TaskMemoryLimitExceeded, rec.message):
             state.retry_soon = True  # not at a safe point right now
             return
+        if rec.firing.kept_pending:
+            return  # the last one has not landed yet (C code): nothing new to say
         rss = state.last_rss or 0
         if rec.fired is None:
             rec.fired = rec.wanted

@@ -345,6 +345,8 @@ class Watchdog(WorkerEntryPlugin):
         assert firing is not None
         if not firing.fire(self.worker, key, TaskTimeoutError, message):
             return False  # not at a safe point right now: try again soon
+        if firing.kept_pending:
+            return True  # the last one has not landed yet: the warnings say so
         info = self._describe(thread_id, key, record, elapsed)
         info["attempt"] = firing.count
         if firing.count == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -295,24 +296,35 @@ async def test_running_lists_tasks_with_stacks(c, s, a):
     assert await fut == "busy"
 
 
+@contextlib.contextmanager
+def metrics_active(worker):
+    """The metrics entry's families attached to ``worker``, as metrics would."""
+    fam = _prom.Families("dask_catalog", {"worker": worker.address}, max_prefixes=10)
+    _prom.attach(worker, fam)
+    try:
+        yield fam
+    finally:
+        _prom.detach(worker)
+
+
+def counter_totals(fam) -> dict[tuple[str, str], float]:
+    return {
+        (s.name, s.labels["prefix"]): s.value
+        for metric in fam.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_metrics_counters(c, s, a):
-    fam = _prom.Families("dask_catalog", {"worker": a.address}, max_prefixes=10)
-    _prom.attach(a, fam)
-    try:
+    with metrics_active(a) as fam:
         await c.register_plugin(
             Watchdog(warn_after="100ms", fail_after="400ms", interval="50ms")
         )
         with pytest.raises(TaskTimeoutError):
             await c.submit(spin_for, 60, "m")
-        samples = {
-            (s.name, s.labels["prefix"]): s.value
-            for metric in fam.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-    finally:
-        _prom.detach(a)
+        samples = counter_totals(fam)
     assert samples[("dask_catalog_watchdog_timeouts_total", "spin_for")] == 1
     assert samples[("dask_catalog_watchdog_warnings_total", "spin_for")] >= 1
 
@@ -484,9 +496,7 @@ def swallow_everything(seconds: float) -> str:
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_swallowed_timeout_is_fired_again_then_given_up_on(c, s, a):
-    fam = _prom.Families("dask_catalog", {"worker": a.address}, max_prefixes=10)
-    _prom.attach(a, fam)
-    try:
+    with metrics_active(a) as fam:
         await c.register_plugin(
             Watchdog(
                 fail_after="200ms",
@@ -501,14 +511,7 @@ async def test_swallowed_timeout_is_fired_again_then_given_up_on(c, s, a):
             events = await wait_for_events(c, "unstoppable")
             (task,) = (await running(c))[a.address]
             result = await fut
-        samples = {
-            s.name: s.value
-            for metric in fam.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-    finally:
-        _prom.detach(a)
+        samples = {name: v for (name, _), v in counter_totals(fam).items()}
     assert result.startswith("survived")
     assert int(result.split()[1]) >= 2  # both interrupts landed, and were eaten
     text = log.getvalue()
