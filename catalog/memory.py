@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from distributed.core import Status
 
 from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload
 from catalog._options import Duration, Size, SizeOrFraction
-from catalog._prom import families_for
+from catalog._prom import OTHER, families_for
 from catalog._runtime import (
+    RETRY_INTERVAL,
+    Firing,
     TaskInterrupt,
-    cancel_undelivered,
-    interrupt_task,
+    bounded,
+    interrupt_options,
     log_worker_event,
     prefix_of,
     run_soon,
@@ -54,6 +57,9 @@ RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"}
 STILL_RUNNING_SAMPLES = 5
 #: Available host memory must come back above this multiple of the threshold.
 RESUME_FACTOR = 1.25
+#: Distinct prefixes ``report`` keeps per worker; later ones are folded into
+#: ``"other"`` and counted (``prefixes_overflow`` in the status).
+MAX_PREFIXES = 1000
 #: Bucket bounds (bytes) of ``dask_catalog_task_peak_memory_bytes``.
 PEAK_BUCKETS = tuple(float(2**20 * 4**i) for i in range(9))  # 1 MiB .. 64 GiB
 
@@ -94,6 +100,11 @@ ENTRY = Entry(
             "50ms",
             "How often the worker's memory is sampled.",
         ),
+        *interrupt_options(
+            "1s",
+            "the guard escalates: a process-limit victim gets the worker restarted "
+            "gracefully (results moved first), a task-limit one is logged and counted",
+        ),
     ],
     examples=(
         "dask worker tcp://scheduler:8786 --nthreads 1 --memory-limit 4GiB "
@@ -102,17 +113,16 @@ ENTRY = Entry(
 )
 
 
-class TaskMemoryLimitExceeded(TaskInterrupt, MemoryError):
+class TaskMemoryLimitExceeded(TaskInterrupt):
     """Raised inside a task that the memory guard failed.
 
-    The message names the key, the limit and the memory observed. It is a
-    ``MemoryError``, so ``except MemoryError`` in user code sees it too.
+    The message names the key, the limit and the memory observed. Inside the
+    task it is a ``BaseException``, so ``except Exception`` (or ``except
+    MemoryError``) does not swallow it; on the client it is also a
+    ``MemoryError``.
     """
 
-    def __new__(cls, *args: Any) -> TaskMemoryLimitExceeded:
-        # MemoryError.__new__ refuses this layout ("is not safe"), and tblib,
-        # which distributed uses to ship exceptions, calls cls.__new__ directly.
-        return Exception.__new__(cls, *args)
+    reported_as = (MemoryError,)
 
 
 # ---------------------------------------------------------------------------
@@ -202,6 +212,10 @@ class _Running:
     fired: str | None = None
     fired_rss: int = 0
     fired_sample: int = 0
+    firing: Firing | None = None
+    wanted: str | None = None
+    wanted_limit: int = 0
+    message: str = ""
     warned: bool = False
     faults: int | None = None
     first: bool = True
@@ -249,6 +263,10 @@ class _State:
     victim: Any = None
     victim_left: bool = False
     rearm: int | None = None
+    restarting: bool = False
+    retry_soon: bool = False
+    prefixes_overflow: int = 0
+    unstoppable: int = 0
     host_paused: bool = False
     pause_hook: Callable[..., Any] | None = None
 
@@ -381,6 +399,9 @@ class MemoryGuard(WorkerEntryPlugin):
                 host_min_available_bytes=state.host_threshold,
                 host_paused=state.host_paused,
                 running=len(state.running),
+                unstoppable=state.unstoppable,
+                restarting=state.restarting,
+                prefixes_overflow=state.prefixes_overflow,
             )
         return out
 
@@ -405,6 +426,15 @@ class MemoryGuard(WorkerEntryPlugin):
         while not state.stop.wait(state.interval):
             try:
                 self._sample(worker, state)
+                # An interrupt that found its thread outside a safe point is
+                # tried again soon, until the next sample.
+                deadline = time.monotonic() + state.interval
+                while (
+                    state.retry_soon
+                    and not state.stop.wait(min(RETRY_INTERVAL, state.interval))
+                    and time.monotonic() < deadline
+                ):
+                    self._interrupts(worker, state, list(state.running.values()))
             except Exception as exc:
                 self.report_error("sampling memory", exc)
 
@@ -455,9 +485,10 @@ class MemoryGuard(WorkerEntryPlugin):
                 if len(tasks) > 1:
                     rec.shared = True
 
+        self._interrupts(worker, state, tasks)
         for rec in tasks:
             if (
-                rec.fired is None
+                rec.firing is None
                 and rec.limit is not None
                 and rec.attributed > rec.limit
             ):
@@ -469,6 +500,19 @@ class MemoryGuard(WorkerEntryPlugin):
                 state.rearm = None
         if state.host_threshold is not None:
             self._check_host(worker, state)
+
+    def _interrupts(self, worker: Any, state: _State, tasks: list[_Running]) -> None:
+        """Deliver, repeat or escalate the interrupts of tasks already failed."""
+        s = self.settings
+        state.retry_soon = False
+        for rec in tasks:
+            if rec.firing is None:
+                continue
+            step = rec.firing.due(s.interrupt_grace, s.interrupt_attempts)
+            if step == "fire":
+                self._deliver(worker, state, rec)
+            elif step == "escalate":
+                self._escalate(worker, state, rec)
 
     def _start(self, worker: Any, state: _State, tid: int, key: Any) -> None:
         ts = worker.state.tasks.get(key)
@@ -492,22 +536,28 @@ class MemoryGuard(WorkerEntryPlugin):
                 return
             if state.running.get(rec.thread) is rec:
                 del state.running[rec.thread]
+            if rec.firing is not None and rec.firing.settle() and rec.fired is None:
+                rec.fired = rec.wanted  # it was raised after all
             peak = int(rec.peak)
             state.recent[key] = peak
             if len(state.recent) > RECENT_TASKS:
                 state.recent.popitem(last=False)
-            stats = state.prefixes.get(rec.prefix)
+            prefix = rec.prefix
+            if not bounded(state.prefixes, prefix, MAX_PREFIXES):
+                state.prefixes_overflow += 1
+                prefix = OTHER
+            stats = state.prefixes.get(prefix)
             if stats is None:
-                stats = state.prefixes[rec.prefix] = _PrefixStats()
+                stats = state.prefixes[prefix] = _PrefixStats()
             stats.count += 1
             stats.total += peak
             stats.max = max(stats.max, peak)
             stats.shared += rec.shared
             stats.failed += rec.fired is not None
-        if rec.fired is not None:
+        if rec.firing is not None:
             # Left executing by itself (finished inside C code) before the
             # exception landed: it must not hit the thread's next task.
-            cancel_undelivered(worker, rec.thread)
+            rec.firing.cancel(worker)
         fam = families_for(worker)
         if fam is not None:
             fam.histogram(
@@ -551,14 +601,15 @@ class MemoryGuard(WorkerEntryPlugin):
                     {"rss": rss},
                     f"task {rec.key!r} was failed but has not stopped (blocked in C "
                     f"code?) and process memory keeps rising: {format_bytes(rss)} > "
-                    f"process-limit {format_bytes(state.process_limit)}; leaving the "
-                    "last word to the nanny",
+                    f"process-limit {format_bytes(state.process_limit)}; it is "
+                    "interrupted again every interrupt-grace, then the worker is "
+                    "restarted",
                 )
         if state.victim is not None:
             return  # wait for the last victim to leave before choosing another
         if state.rearm is not None and rss <= state.rearm:
             return  # memory has not risen since the last victim left
-        candidates = [r for r in tasks if r.fired is None and r.attributed > 0]
+        candidates = [r for r in tasks if r.firing is None and r.attributed > 0]
         if candidates:
             victim = max(candidates, key=lambda r: r.attributed)
             self._fire(worker, state, victim, "process-limit", state.process_limit, rss)
@@ -586,17 +637,119 @@ class MemoryGuard(WorkerEntryPlugin):
                 f"task had the largest attributed growth, {format_bytes(observed)}"
                 f"{shared}"
             )
-        if not interrupt_task(
-            worker, rec.thread, rec.key, TaskMemoryLimitExceeded, message
-        ):
-            return  # not inside the task's own call right now: next sample
-        rec.fired = action
-        rec.fired_rss = rss
-        rec.fired_sample = state.sample
+        rec.firing = Firing(rec.thread)
+        rec.wanted = action
+        rec.message = message
+        rec.wanted_limit = limit
         state.fired_keys.add(rec.key)
         if action == "process-limit":
-            state.victim = rec.key
-        self._act(worker, action, rec, limit, {"rss": rss}, message + " (failing it)")
+            state.victim = rec.key  # no other victim while this one is tried
+        self._deliver(worker, state, rec)
+
+    def _deliver(self, worker: Any, state: _State, rec: _Running) -> None:
+        """Raise the task's TaskMemoryLimitExceeded, first or again."""
+        assert rec.firing is not None and rec.wanted is not None
+        if not rec.firing.fire(worker, rec.key, TaskMemoryLimitExceeded, rec.message):
+            state.retry_soon = True  # not at a safe point right now
+            return
+        if rec.firing.kept_pending:
+            return  # the last one has not landed yet (C code): nothing new to say
+        rss = state.last_rss or 0
+        if rec.fired is None:
+            rec.fired = rec.wanted
+            rec.fired_rss = rss
+            rec.fired_sample = state.sample
+            text = rec.message + " (failing it)"
+            action = rec.wanted
+        else:
+            text = (
+                f"task {rec.key!r} is still running after TaskMemoryLimitExceeded: "
+                f"raising it again (attempt {rec.firing.count} of "
+                f"{self.settings.interrupt_attempts})"
+            )
+            action = "refire"
+        figures = {"rss": rss, "attempt": rec.firing.count}
+        self._act(worker, action, rec, rec.wanted_limit, figures, text)
+
+    def _escalate(self, worker: Any, state: _State, rec: _Running) -> None:
+        """A failed task survived every interrupt (or never stood at a safe point).
+
+        A process-limit victim (or any such task while the process is over the
+        limit) would take the whole worker down: restart the worker gracefully
+        through the scheduler, which first moves its results to other workers.
+        A task-limit victim on a worker that is not in danger is logged and
+        counted.
+        """
+        assert rec.firing is not None
+        state.unstoppable += 1
+        rss = state.last_rss or 0
+        over = state.process_limit is not None and rss > state.process_limit
+        attempts = rec.firing.count
+        figures = {"rss": rss, "attempt": attempts}
+        why = (
+            f"still running after {attempts} TaskMemoryLimitExceeded delivered (it "
+            "swallows them, sits in C code, or never stood at a safe point)"
+        )
+        if not (rec.wanted == "process-limit" or over):
+            self._act(
+                worker,
+                "unstoppable",
+                rec,
+                rec.wanted_limit,
+                figures,
+                f"task {rec.key!r} cannot be stopped: {why}; the worker is not over "
+                "process-limit, so it is left alone",
+            )
+            return
+        if state.restarting:
+            return
+        state.restarting = True
+        nanny = getattr(worker, "nanny", None)
+        comeback = (
+            "its nanny starts a new worker process"
+            if nanny
+            else "it has no nanny, so it closes and does NOT come back"
+        )
+        self._act(
+            worker,
+            "restart",
+            rec,
+            rec.wanted_limit,
+            figures,
+            f"task {rec.key!r} cannot be stopped: {why}, with process memory "
+            f"{format_bytes(rss)}; restarting the worker gracefully (the scheduler "
+            f"moves its results to other workers first); {comeback}",
+        )
+        run_soon(worker, self._restart_worker, worker)
+
+    async def _restart_worker(self, worker: Any) -> None:
+        """Retire the worker's results through the scheduler, then restart it.
+
+        ``Worker.close_gracefully(restart=True)`` is not enough: its process
+        cannot exit while the unstoppable task's thread runs (the executor's
+        threads are joined at exit). The scheduler's ``restart_workers`` has the
+        nanny stop the process, killing it when it will not stop; a worker
+        without a nanny is closed instead.
+        """
+        address = worker.address
+        stimulus_id = f"catalog-memory-restart-{time.time()}"
+        try:
+            await worker.scheduler.retire_workers(
+                workers=[address],
+                close_workers=False,
+                remove=False,
+                stimulus_id=stimulus_id,
+            )
+            await worker.scheduler.restart_workers(
+                workers=[address],
+                timeout=30,
+                wait_for_workers=False,
+                on_error="return",
+                stimulus_id=stimulus_id,
+            )
+        except Exception as exc:  # the worker may be gone before the answer
+            if worker.status not in (Status.closing, Status.closed):
+                self.report_error("restarting the worker", exc)
 
     def _act(
         self,

@@ -16,10 +16,13 @@ from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload, now
 from catalog._options import Duration, Integer
 from catalog._prom import families_for
 from catalog._runtime import (
+    RETRY_INTERVAL,
+    Firing,
     TaskInterrupt,
-    cancel_undelivered,
-    interrupt_task,
+    bounded,
+    interrupt_options,
     log_worker_event,
+    pending,
     prefix_of,
 )
 
@@ -44,6 +47,9 @@ EVENT_TOPIC = "catalog.watchdog"
 
 #: Worker task states in which a task still occupies a thread.
 RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
+#: Distinct ``catalog_timeout`` annotation values whose parse is cached; past
+#: it values are parsed per task and counted (``annotation_cache_overflow``).
+MAX_CACHED_ANNOTATIONS = 256
 
 ENTRY = Entry(
     name="watchdog",
@@ -81,6 +87,9 @@ ENTRY = Entry(
             8,
             "How many innermost frames of a task's stack are shown.",
         ),
+        *interrupt_options(
+            "5s", "the watchdog gives up on it: logs it and counts it as unstoppable"
+        ),
     ],
     examples=(
         "dask worker tcp://127.0.0.1:8786 --preload catalog.watchdog "
@@ -91,11 +100,15 @@ ENTRY = Entry(
 _TIMEOUT_TYPE = Duration(nullable=True)
 
 
-class TaskTimeoutError(TaskInterrupt, TimeoutError):
+class TaskTimeoutError(TaskInterrupt):
     """Raised inside a task that ran longer than its ``fail-after``.
 
-    The client sees it as the task's exception; ``retries=`` apply as usual.
+    Inside the task it is a ``BaseException``: ``except Exception`` does not
+    swallow it. The client sees it as the task's exception, and there it is
+    also a ``TimeoutError``; ``retries=`` apply as usual.
     """
+
+    reported_as = (TimeoutError,)
 
 
 @dataclass
@@ -106,7 +119,7 @@ class _Running:
     fail_after: float | None
     warned_at: float | None = None
     fired_at: float | None = None
-    fired_thread: int | None = None
+    firing: Firing | None = None
 
 
 def _task_frames(frame: Any, depth: int) -> list[dict[str, Any]]:
@@ -165,13 +178,17 @@ class Watchdog(WorkerEntryPlugin):
 
     entry = ENTRY
     _thread: threading.Thread | None
+    TIMEOUTS_DOC = "Tasks failed by the watchdog."
 
     def on_setup(self, worker: Any) -> None:
         self.worker = worker
         self._tasks: dict[Any, _Running] = {}
         self._timeouts: dict[Any, float | None] = {}
+        self.annotation_cache_overflow = 0
         self.warnings = 0
         self.timeouts = 0
+        self.refires = 0
+        self.unstoppable = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name="catalog-watchdog", daemon=True
@@ -199,10 +216,13 @@ class Watchdog(WorkerEntryPlugin):
                 self._tasks[key] = _Running(now(), self._fail_after_of(key))
         elif finish not in RUNNING_STATES:
             record = self._tasks.pop(key, None)
-            if record is not None and record.fired_thread is not None:
+            if record is not None and record.firing is not None:
+                if record.firing.settle() and record.firing.count == 1:
+                    self.timeouts += 1  # it failed the task after all
+                    self._count("watchdog_timeouts", self.TIMEOUTS_DOC, prefix_of(key))
                 # A fired task that finished by itself (inside C code) must not
                 # pass its undelivered exception on to the thread's next task.
-                cancel_undelivered(self.worker, record.fired_thread)
+                record.firing.cancel(self.worker)
 
     def _fail_after_of(self, key: Any) -> float | None:
         ts = self.worker.state.tasks.get(key)
@@ -220,24 +240,42 @@ class Watchdog(WorkerEntryPlugin):
             self.report_error(f"annotation {ANNOTATION}={raw!r} of {key!r}", exc)
             parsed = self.settings.fail_after
         try:
-            self._timeouts[raw] = parsed
+            if bounded(self._timeouts, raw, MAX_CACHED_ANNOTATIONS):
+                self._timeouts[raw] = parsed
+            else:
+                self.annotation_cache_overflow += 1
         except TypeError:
             pass
         return parsed
 
     # -- the checker thread -------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.wait(self.settings.interval):
+        wait = self.settings.interval
+        while not self._stop.wait(wait):
             try:
-                self.check()
+                deferred = self.check()
             except Exception as exc:
                 self.report_error("checking running tasks", exc)
+                deferred = False
+            # A timeout that found its thread outside a safe point is tried
+            # again soon: the thread may stand at one only for a moment.
+            wait = (
+                min(RETRY_INTERVAL, self.settings.interval)
+                if deferred
+                else (self.settings.interval)
+            )
 
-    def check(self) -> None:
-        """Look at every running task once (the checker thread calls this)."""
+    def check(self) -> bool:
+        """Look at every running task once (the checker thread calls this).
+
+        Returns:
+            Whether a timeout is due but could not be delivered yet (its thread
+            was not at a safe point).
+        """
         worker = self.worker
+        deferred = False
         if not worker.active_threads:
-            return
+            return deferred
         with worker.active_threads_lock:
             active = dict(worker.active_threads)
         tasks = worker.state.tasks
@@ -255,12 +293,19 @@ class Watchdog(WorkerEntryPlugin):
                 )
             elapsed = current - record.start
             fail_after = record.fail_after
-            if (
-                fail_after is not None
-                and record.fired_at is None
-                and elapsed >= fail_after
-            ):
-                self._time_out(thread_id, key, record, elapsed, ts.state)
+            if fail_after is not None and elapsed >= fail_after:
+                if record.firing is None or record.firing.thread != thread_id:
+                    record.firing = Firing(thread_id)
+                step = record.firing.due(
+                    self.settings.interrupt_grace, self.settings.interrupt_attempts
+                )
+            else:
+                step = None
+            if step == "fire":
+                if not self._time_out(thread_id, key, record, elapsed, ts.state):
+                    deferred = True
+            elif step == "escalate":
+                self._give_up(thread_id, key, record, elapsed, ts.state)
             elif (
                 warn_after is not None
                 and elapsed >= warn_after
@@ -272,6 +317,7 @@ class Watchdog(WorkerEntryPlugin):
                 self._warn(thread_id, key, record, elapsed, ts.state)
         for key in [k for k in list(self._tasks) if k not in tasks]:
             self._tasks.pop(key, None)  # forgotten without a transition we saw
+        return deferred
 
     def _describe(
         self, thread_id: int, key: Any, record: _Running, elapsed: float
@@ -289,43 +335,89 @@ class Watchdog(WorkerEntryPlugin):
 
     def _time_out(
         self, thread_id: int, key: Any, record: _Running, elapsed: float, state: str
-    ) -> None:
+    ) -> bool:
         assert record.fail_after is not None
         message = (
             f"task {str(key)!r} ran longer than {format_time(record.fail_after)} "
             f"(catalog.watchdog fail-after) on worker {self.worker.address}"
         )
+        firing = record.firing
+        assert firing is not None
+        if not firing.fire(self.worker, key, TaskTimeoutError, message):
+            return False  # not at a safe point right now: try again soon
+        if firing.kept_pending:
+            return True  # the last one has not landed yet: the warnings say so
         info = self._describe(thread_id, key, record, elapsed)
-        if not interrupt_task(self.worker, thread_id, key, TaskTimeoutError, message):
-            return  # not inside the task's own call right now: try again next time
-        record.fired_at = now()
-        record.fired_thread = thread_id
-        self.timeouts += 1
+        info["attempt"] = firing.count
+        if firing.count == 1:
+            record.fired_at = now()
+            self.timeouts += 1
+            what = "timed out after"
+            action, counter, doc = "timeout", "watchdog_timeouts", self.TIMEOUTS_DOC
+        else:
+            self.refires += 1
+            what = "is still running, interrupted again, after"
+            action, counter, doc = (
+                "refire",
+                "watchdog_refires",
+                "TaskTimeoutErrors raised again in tasks that went on running.",
+            )
         logger.warning(
-            "Task %r (prefix %s, %s) on worker %s timed out after %s "
-            "(fail-after %s): raising TaskTimeoutError in thread %d, which is at:\n%s",
+            "Task %r (prefix %s, %s) on worker %s %s %s (fail-after %s): raising "
+            "TaskTimeoutError in thread %d (attempt %d of %d), which is at:\n%s",
+            info["key"],
+            info["prefix"],
+            state,
+            info["worker"],
+            what,
+            format_time(elapsed),
+            format_time(record.fail_after),
+            thread_id,
+            firing.count,
+            self.settings.interrupt_attempts,
+            format_stack(info["stack"]),
+        )
+        self._emit(action, info, counter, doc)
+        return True
+
+    def _give_up(
+        self, thread_id: int, key: Any, record: _Running, elapsed: float, state: str
+    ) -> None:
+        """The task survived every interrupt: say so loudly, count it, leave it."""
+        self.unstoppable += 1
+        info = self._describe(thread_id, key, record, elapsed)
+        assert record.firing is not None
+        info["attempt"] = record.firing.count
+        logger.warning(
+            "Task %r (prefix %s, %s) on worker %s cannot be stopped: still running "
+            "after %s and %d TaskTimeoutErrors delivered (it swallows them, sits "
+            "in C code, or never stood at a safe point); the watchdog gives up on "
+            "it. Thread %d is at:\n%s",
             info["key"],
             info["prefix"],
             state,
             info["worker"],
             format_time(elapsed),
-            format_time(record.fail_after),
+            record.firing.count,
             thread_id,
             format_stack(info["stack"]),
         )
         self._emit(
-            "timeout", info, "watchdog_timeouts", "Tasks failed by the watchdog."
+            "unstoppable",
+            info,
+            "watchdog_unstoppable",
+            "Tasks the watchdog could not stop after interrupt-attempts interrupts.",
         )
 
     def _warn(
         self, thread_id: int, key: Any, record: _Running, elapsed: float, state: str
     ) -> None:
         info = self._describe(thread_id, key, record, elapsed)
-        pending = record.fired_at is not None
-        info["timeout_pending"] = pending
-        if pending:
+        timeout_pending = record.fired_at is not None
+        info["timeout_pending"] = timeout_pending
+        if timeout_pending:
             assert record.fired_at is not None
-            if thread_id in _runtime._PENDING:
+            if record.firing is not None and pending(record.firing.fired):
                 why = (
                     "the thread is blocked outside Python (C code or I/O) and "
                     "gets it when that call returns"
@@ -361,17 +453,24 @@ class Watchdog(WorkerEntryPlugin):
 
     def _emit(self, action: str, info: dict, counter: str, doc: str) -> None:
         log_worker_event(self.worker, EVENT_TOPIC, {"action": action, **info})
+        self._count(counter, doc, info["prefix"])
+
+    def _count(self, counter: str, doc: str, prefix: str) -> None:
         fam = families_for(self.worker)
         if fam is not None:
-            fam.counter(counter, doc, ["prefix"]).labels(
-                fam.prefix(info["prefix"])
-            ).inc()
+            fam.counter(counter, doc, ["prefix"]).labels(fam.prefix(prefix)).inc()
 
     def status(self) -> dict[str, Any]:
         """The base status plus how many warnings and timeouts were issued."""
         out = super().status()
-        out["warnings"] = getattr(self, "warnings", 0)
-        out["timeouts"] = getattr(self, "timeouts", 0)
+        for name in (
+            "warnings",
+            "timeouts",
+            "refires",
+            "unstoppable",
+            "annotation_cache_overflow",
+        ):
+            out[name] = getattr(self, name, 0)
         return out
 
 
@@ -389,6 +488,7 @@ def _running_on(dask_worker: Any) -> list[dict[str, Any]]:
         if ts is None or ts.state not in RUNNING_STATES:
             continue
         record = records.get(key)
+        firing = record.firing if record is not None else None
         start = record.start if record is not None else (ts.start_time or current)
         out.append(
             {
@@ -399,6 +499,8 @@ def _running_on(dask_worker: Any) -> list[dict[str, Any]]:
                 "elapsed": round(current - start, 3),
                 "fail_after": record.fail_after if record is not None else None,
                 "timed_out": record is not None and record.fired_at is not None,
+                "interrupts": firing.count if firing is not None else 0,
+                "unstoppable": firing is not None and firing.escalated,
                 "stack": _stack_of(thread_id, depth),
             }
         )
@@ -418,8 +520,9 @@ def running(client: Any) -> dict[str, list[dict[str, Any]]]:
     Returns:
         ``{worker address: [task, ...]}``, longest-running first; each task is
         ``{"key", "prefix", "state", "thread", "elapsed", "fail_after",
-        "timed_out", "stack"}`` with ``stack`` a list of ``{"filename",
-        "lineno", "name", "line"}``, outermost frame first.
+        "timed_out", "interrupts", "unstoppable", "stack"}`` with ``stack`` a
+        list of ``{"filename", "lineno", "name", "line"}``, outermost frame
+        first.
     """
     return client.run(_running_on)
 

@@ -126,13 +126,18 @@ def test_pickle_keeps_only_settings():
     assert clone.peak_of("x") is None
 
 
-def test_exception_is_a_memory_error_and_pickles():
+def test_exception_is_a_memory_error_on_the_client_and_pickles():
     exc = TaskMemoryLimitExceeded("task 'x' exceeded its memory limit")
-    assert isinstance(exc, MemoryError)
+    # Inside the task neither `except Exception` nor `except MemoryError` eats it.
     assert isinstance(exc, catalog._runtime.TaskInterrupt)
+    assert not isinstance(exc, Exception)
     clone = pickle.loads(pickle.dumps(exc))
-    assert type(clone) is TaskMemoryLimitExceeded
+    assert type(clone) is TaskMemoryLimitExceeded.Reported
+    assert isinstance(clone, TaskMemoryLimitExceeded)
+    assert isinstance(clone, MemoryError)
     assert str(clone) == "task 'x' exceeded its memory limit"
+    # tblib, which distributed ships exceptions with, calls cls.__new__ directly.
+    assert str(type(clone).__new__(type(clone), "again")) == "again"
 
 
 def test_dask_setup_parses_its_options():
@@ -465,3 +470,149 @@ def test_bad_cli_values_exit_2_naming_the_option(flag, value):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------------------
+# Interrupts that do not stop the task: re-fired, then escalated (#22)
+# ---------------------------------------------------------------------------
+
+
+def hold_and_swallow(mib: int, seconds: float, marker: str = "") -> str:
+    """Hold ``mib`` MiB and catch even BaseException: no interrupt stops it.
+
+    With ``marker``, only the first run (which creates the file) misbehaves.
+    """
+    if marker:
+        if os.path.exists(marker):
+            return "second run"
+        with open(marker, "w"):
+            pass
+    held: list[bytes] = []
+    deadline = time.perf_counter() + seconds
+    caught = 0
+    while True:  # every instruction of the work is inside the try
+        try:
+            while time.perf_counter() < deadline:
+                if len(held) < mib // 10:
+                    held.append(b"x" * (10 * MiB))  # written, so resident
+            return f"survived {caught} with {len(held) * 10} MiB"
+        except BaseException:
+            caught += 1
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_unstoppable_task_limit_victim_is_refired_then_logged(c, s, a):
+    await c.register_plugin(
+        MemoryGuard(
+            task_limit="50MiB",
+            process_limit=None,
+            interval="20ms",
+            interrupt_grace="200ms",
+            interrupt_attempts=2,
+        )
+    )
+    with captured_logger("catalog.memory", level=logging.WARNING) as log:
+        result = await c.submit(hold_and_swallow, 100, 2.0)
+    assert result.startswith("survived")
+    deadline = time.monotonic() + 30  # events reach the scheduler in batches
+    while True:
+        actions = [e["action"] for e in await guard_events_async(c)]
+        if len(actions) >= 3 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert actions[:3] == ["task-limit", "refire", "unstoppable"], actions
+    text = log.getvalue()
+    assert "raising it again (attempt 2 of 2)" in text
+    assert "cannot be stopped" in text
+    assert "not over process-limit, so it is left alone" in text
+    status = a.plugins["catalog.memory"].status()
+    assert status["unstoppable"] == 1
+    assert status["restarting"] is False
+    assert a.status == Status.running
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_prefix_stats_are_bounded_and_count_the_overflow(c, s, a):
+    import catalog.memory as memory_module
+
+    await c.register_plugin(MemoryGuard(interval="1s"))
+    guard = a.plugins["catalog.memory"]
+    state = guard._state
+    original = memory_module.MAX_PREFIXES
+    memory_module.MAX_PREFIXES = 3
+    try:
+        for i in range(5):
+            key = (f"prefix{i}", 0)
+            guard._start(a, state, 10_000 + i, key)
+            guard._finish(a, state, key)
+    finally:
+        memory_module.MAX_PREFIXES = original
+    # Like the metrics' prefix labels: `cap` prefixes, then "other".
+    stats = guard.prefix_stats()
+    assert sorted(stats) == ["other", "prefix0", "prefix1", "prefix2"]
+    assert stats["other"]["count"] == 2
+    assert guard.status()["prefixes_overflow"] == 2
+
+
+def worker_memory_events(client: Client, action: str) -> list[dict]:
+    return [m for _, m in client.get_events("catalog.memory") if m["action"] == action]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_unstoppable_process_limit_victim_restarts_the_worker_results_moved(
+    tmp_path,
+):
+    """A process-limit victim that eats every interrupt: the worker is retired
+    through the scheduler (its results move to the other worker) and its nanny
+    starts a new one, instead of the nanny killing it and losing the results."""
+    with (
+        local_cluster(2, processes=True, memory_limit="4GiB") as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(
+            MemoryGuard(
+                process_limit="450MiB",
+                interval="20ms",
+                interrupt_grace="300ms",
+                interrupt_attempts=2,
+            )
+        )
+        victim, other = sorted(client.scheduler_info()["workers"])
+        kept = client.submit(os.urandom, 16, workers=[victim], pure=False)
+        value = kept.result(timeout=60)
+        hog = client.submit(
+            hold_and_swallow,
+            600,
+            120,
+            str(tmp_path / "ran-once"),
+            workers=[victim],
+            allow_other_workers=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not worker_memory_events(
+            client, "restart"
+        ):
+            time.sleep(0.1)
+        (restart,) = worker_memory_events(client, "restart")
+        assert restart["worker"] == victim
+        assert restart["key"] == hog.key
+        # The nanny brings a new worker process in the old one's place.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            workers = client.scheduler_info()["workers"]
+            if victim not in workers and len(workers) == 2:
+                break
+            time.sleep(0.1)
+        workers = client.scheduler_info()["workers"]
+        assert victim not in workers and len(workers) == 2, workers
+        # The result computed on the old worker was moved, not recomputed.
+        assert kept.result(timeout=60) == value
+        assert other in client.who_has(kept)[kept.key]
+        assert hog.result(timeout=120) == "second run"
+        actions = [
+            m["action"]
+            for _, m in client.get_events("catalog.memory")
+            if m["action"] != "still-running"
+        ]
+        assert actions[:3] == ["process-limit", "refire", "restart"], actions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -92,6 +93,8 @@ def test_defaults_and_options():
         "fail_after": None,
         "interval": 1.0,
         "stack_depth": 8,
+        "interrupt_grace": 5.0,
+        "interrupt_attempts": 3,
     }
     plugin = Watchdog(warn_after="2s", fail_after="1m", interval="100ms", stack_depth=3)
     assert (plugin.settings.warn_after, plugin.settings.fail_after) == (2.0, 60.0)
@@ -134,11 +137,18 @@ def test_pickle_keeps_settings_only():
 
 def test_task_timeout_error():
     exc = TaskTimeoutError("task 'x' ran longer than 3s")
-    assert isinstance(exc, TimeoutError)
+    # Inside the task: not an Exception, so `except Exception` cannot eat it.
     assert isinstance(exc, TaskInterrupt)
+    assert not isinstance(exc, Exception)
+    # Pickled (to the scheduler and the client): still a TaskTimeoutError, and
+    # an Exception / TimeoutError there, as a task error must be.
     clone = pickle.loads(pickle.dumps(exc))
-    assert type(clone) is TaskTimeoutError
+    assert type(clone) is TaskTimeoutError.Reported
+    assert isinstance(clone, TaskTimeoutError)
+    assert isinstance(clone, TimeoutError)
+    assert type(clone).__name__ == "TaskTimeoutError"
     assert str(clone) == "task 'x' ran longer than 3s"
+    assert type(pickle.loads(pickle.dumps(clone))) is TaskTimeoutError.Reported
 
 
 def test_dask_setup_parses_options():
@@ -286,24 +296,35 @@ async def test_running_lists_tasks_with_stacks(c, s, a):
     assert await fut == "busy"
 
 
+@contextlib.contextmanager
+def metrics_active(worker):
+    """The metrics entry's families attached to ``worker``, as metrics would."""
+    fam = _prom.Families("dask_catalog", {"worker": worker.address}, max_prefixes=10)
+    _prom.attach(worker, fam)
+    try:
+        yield fam
+    finally:
+        _prom.detach(worker)
+
+
+def counter_totals(fam) -> dict[tuple[str, str], float]:
+    return {
+        (s.name, s.labels["prefix"]): s.value
+        for metric in fam.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_metrics_counters(c, s, a):
-    fam = _prom.Families("dask_catalog", {"worker": a.address}, max_prefixes=10)
-    _prom.attach(a, fam)
-    try:
+    with metrics_active(a) as fam:
         await c.register_plugin(
             Watchdog(warn_after="100ms", fail_after="400ms", interval="50ms")
         )
         with pytest.raises(TaskTimeoutError):
             await c.submit(spin_for, 60, "m")
-        samples = {
-            (s.name, s.labels["prefix"]): s.value
-            for metric in fam.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-    finally:
-        _prom.detach(a)
+        samples = counter_totals(fam)
     assert samples[("dask_catalog_watchdog_timeouts_total", "spin_for")] == 1
     assert samples[("dask_catalog_watchdog_warnings_total", "spin_for")] >= 1
 
@@ -453,3 +474,80 @@ def test_race_tasks_finishing_at_fail_after_never_kill_the_executor():
             later = [dask.delayed(spin_for, pure=False)(0.05, i) for i in range(4)]
         assert client.compute(later, sync=True) == [0, 1, 2, 3]
         assert client.run(os.getpid) == pids
+
+
+# ---------------------------------------------------------------------------
+# Interrupts that do not stop the task: re-fired, then given up on (#22)
+# ---------------------------------------------------------------------------
+
+
+def swallow_everything(seconds: float) -> str:
+    """A task that catches even BaseException: no interrupt can stop it."""
+    deadline = time.perf_counter() + seconds
+    caught = 0
+    while True:  # every instruction of the work is inside the try
+        try:
+            while time.perf_counter() < deadline:
+                pass
+            return f"survived {caught}"
+        except BaseException:
+            caught += 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_swallowed_timeout_is_fired_again_then_given_up_on(c, s, a):
+    with metrics_active(a) as fam:
+        await c.register_plugin(
+            Watchdog(
+                fail_after="200ms",
+                warn_after=None,
+                interval="20ms",
+                interrupt_grace="200ms",
+                interrupt_attempts=2,
+            )
+        )
+        with captured_logger("catalog.watchdog") as log:
+            fut = c.submit(swallow_everything, 3)
+            events = await wait_for_events(c, "unstoppable")
+            (task,) = (await running(c))[a.address]
+            result = await fut
+        samples = {name: v for (name, _), v in counter_totals(fam).items()}
+    assert result.startswith("survived")
+    assert int(result.split()[1]) >= 2  # both interrupts landed, and were eaten
+    text = log.getvalue()
+    assert "interrupted again" in text
+    assert "attempt 2 of 2" in text
+    assert "cannot be stopped" in text
+    (event,) = events
+    assert event["key"] == fut.key
+    assert event["attempt"] == 2
+    assert task["unstoppable"] is True
+    assert task["interrupts"] == 2
+    status = a.plugins["catalog.watchdog"].status()
+    assert (status["timeouts"], status["refires"], status["unstoppable"]) == (1, 1, 1)
+    assert samples["dask_catalog_watchdog_timeouts_total"] == 1
+    assert samples["dask_catalog_watchdog_refires_total"] == 1
+    assert samples["dask_catalog_watchdog_unstoppable_total"] == 1
+    # The worker and its thread are fine.
+    assert await c.submit(spin_for, 0.01, "after") == "after"
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_annotation_cache_is_bounded_and_counts_the_overflow(c, s, a):
+    import catalog.watchdog as watchdog_module
+
+    await c.register_plugin(Watchdog(warn_after=None, interval="50ms"))
+    plugin = a.plugins["catalog.watchdog"]
+    cap = 5
+    original = watchdog_module.MAX_CACHED_ANNOTATIONS
+    watchdog_module.MAX_CACHED_ANNOTATIONS = cap
+    try:
+        tasks = []
+        for i in range(cap + 3):
+            with dask.annotate(catalog_timeout=f"{100 + i}s"):
+                tasks.append(dask.delayed(spin_for, pure=False)(0, i))
+        assert await c.gather(c.compute(tasks)) == list(range(cap + 3))
+    finally:
+        watchdog_module.MAX_CACHED_ANNOTATIONS = original
+    assert len(plugin._timeouts) == cap
+    assert plugin.status()["annotation_cache_overflow"] == 3
