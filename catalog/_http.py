@@ -133,6 +133,7 @@ class MetricsServer:
         password: ...and this password.
         timeout: seconds a connection may stay silent.
         max_connections: connections served at once; more are closed at once.
+        name: the serving thread's name (the address is appended).
 
     Raises:
         OSError: the port cannot be bound, or the certificate or key cannot be
@@ -151,6 +152,7 @@ class MetricsServer:
         password: str | None = None,
         timeout: float = TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        name: str = "catalog.metrics http",
     ) -> None:
         context = None
         if certfile is not None:
@@ -180,7 +182,7 @@ class MetricsServer:
         self.url = f"{scheme}://{shown}:{bound}/metrics"
         self.thread = threading.Thread(
             target=self.httpd.serve_forever,
-            name=f"catalog.metrics http {shown}:{bound}",
+            name=f"{name} {shown}:{bound}",
             daemon=True,
         )
         self.thread.start()

@@ -321,6 +321,7 @@ class _Exporter:
                     keyfile=s.port_keyfile,
                     username=s.port_username,
                     password=s.port_password,
+                    name=f"catalog.metrics http {self.plugin.role}",
                 )
             except OSError as exc:
                 flags = "--metrics-port" + (

@@ -185,7 +185,13 @@ def test_reregistering_every_entry_five_times_leaks_nothing(tmp_path):
         threads = Counter(name.split(" ")[0] for name in counts[-1]["catalog_threads"])
         assert threads["catalog-memory"] == 2
         assert threads["catalog-watchdog"] == 2
-        assert threads["catalog.metrics"] == 2  # the pushers
+        # The pushers of the two workers, the standalone servers of all three.
+        kinds = Counter(
+            " ".join(n.split(" ")[:2]) for n in counts[-1]["catalog_threads"]
+        )
+        assert kinds["catalog.metrics pusher"] == 2
+        assert kinds["catalog.metrics http"] == 3
+        assert threads["catalog.metrics"] == 5
         servers = [cluster.scheduler, *(w for w in cluster.workers.values())]
         for server in servers:
             active = active_plugins(server)
