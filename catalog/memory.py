@@ -44,6 +44,8 @@ logger = logging.getLogger("catalog.memory")
 
 #: The task annotation that overrides ``task-limit`` for the annotated tasks.
 ANNOTATION = "catalog_memory_limit"
+#: How the annotation's value is read: as ``task-limit`` is.
+ANNOTATION_TYPE = Size(nullable=True, memory=True)
 #: Worker event topic of every action.
 TOPIC = "catalog.memory"
 #: How many finished tasks ``peak_of`` remembers.
@@ -69,7 +71,7 @@ ENTRY = Entry(
     options=[
         Option(
             "task-limit",
-            Size(nullable=True),
+            Size(nullable=True, memory=True),
             None,
             "Fail a task whose attributed memory growth exceeds this size "
             "(annotation catalog_memory_limit overrides it per task).",
@@ -477,7 +479,7 @@ class MemoryGuard(WorkerEntryPlugin):
         annotations = getattr(ts, "annotations", None) or {}
         if ANNOTATION in annotations:
             try:
-                limit = Size(nullable=True).convert(annotations[ANNOTATION], None, None)
+                limit = ANNOTATION_TYPE.convert(annotations[ANNOTATION], None, None)
             except Exception as exc:
                 self.report_error(f"annotation {ANNOTATION} of {key!r}", exc)
         rec = _Running(key=key, prefix=prefix, thread=tid, limit=limit)
