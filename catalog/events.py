@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -36,6 +37,10 @@ EVENTS = (
     "worker-event",
     "client-event",
 )
+
+#: Without a file, these events are logged at INFO; every other one (a topic's
+#: message passed through, ``worker-event``, ``client-event``) at DEBUG.
+LOGGED_AT_INFO = frozenset(EVENTS) - {"worker-event", "client-event"}
 
 #: Scheduler events that the named events above already record.
 _COVERED_ACTIONS = frozenset(
@@ -131,6 +136,20 @@ def plain(obj: Any) -> Any:
     return str(obj)
 
 
+def log_message(event: str, fields: dict[str, Any]) -> str:
+    """``event: k=v k=v``, each value as JSON, so one record is one line.
+
+    >>> log_message("worker-added", {"worker": "tcp://h:1", "nthreads": 2})
+    'worker-added: worker="tcp://h:1" nthreads=2'
+    """
+    name = event if event.isprintable() else json.dumps(event)
+    shown = " ".join(
+        f"{k}={json.dumps(v, default=str, ensure_ascii=False)}"
+        for k, v in fields.items()
+    )
+    return f"{name}: {shown}" if shown else name
+
+
 def reason_of(stimulus_id: str) -> str:
     """A stimulus id or a worker's close reason without its trailing timestamp."""
     return _STIMULUS_TIME.sub("", stimulus_id or "") or "unknown"
@@ -224,7 +243,12 @@ class EventLog(SchedulerEntryPlugin):
                 for k, v in fields.items()
             }
             extra["event"] = event
-            self._logger.info(event, extra=extra)
+            # The message says what happened, with its fields; distributed's own
+            # topics ("all": gather, scatter, run-function ...) and per-worker or
+            # per-client chatter are bookkeeping: DEBUG.
+            level = logging.INFO if event in LOGGED_AT_INFO else logging.DEBUG
+            if self._logger.isEnabledFor(level):
+                self._logger.log(level, "%s", log_message(event, fields), extra=extra)
         fam = families_for(self.server)
         if fam is not None:
             fam.counter(

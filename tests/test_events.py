@@ -252,10 +252,12 @@ async def test_without_file_events_go_to_the_logger(c, s, a, b):
             await c.submit(fail, "oops", key="oops-1")
     finally:
         logger.removeHandler(handler)
-    by_name = {r.getMessage(): r for r in handler.records}
+    by_name = {r.event: r for r in handler.records}
     assert "graph-submitted" in by_name and "task-erred" in by_name
     erred = by_name["task-erred"]
     assert erred.levelno == logging.INFO
+    # The message says what happened, with the fields (issue #15).
+    assert erred.getMessage().startswith('task-erred: key="oops-1" prefix="oops" ')
     assert erred.event == "task-erred"
     assert erred.key == "oops-1" and erred.prefix == "oops"
     assert erred.worker in (a.address, b.address)
