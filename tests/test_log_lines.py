@@ -17,6 +17,7 @@ from distributed import Client
 import catalog
 from catalog.events import EVENTS
 from tests.procs import local_cluster
+from tests.test_events import Records
 
 #: The only INFO lines a normal run emits, each saying what happened.
 INFO_LINES = {
@@ -30,15 +31,6 @@ INFO_LINES = {
         r": \w[\w-]*=.+"
     ),
 }
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def inc(x: int) -> int:
