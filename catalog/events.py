@@ -137,16 +137,13 @@ def plain(obj: Any) -> Any:
 
 
 def log_message(event: str, fields: dict[str, Any]) -> str:
-    """``event: k=v k=v``, each value as JSON, so one record is one line.
+    """``event: k=v k=v``, each value as ASCII JSON, so one record is one line.
 
     >>> log_message("worker-added", {"worker": "tcp://h:1", "nthreads": 2})
     'worker-added: worker="tcp://h:1" nthreads=2'
     """
     name = event if event.isprintable() else json.dumps(event)
-    shown = " ".join(
-        f"{k}={json.dumps(v, default=str, ensure_ascii=False)}"
-        for k, v in fields.items()
-    )
+    shown = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
     return f"{name}: {shown}" if shown else name
 
 

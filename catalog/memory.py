@@ -581,8 +581,7 @@ class MemoryGuard(WorkerEntryPlugin):
                 peak, prefix, failed = growth, prefix_of(key), False
             else:
                 shared = shared or rec.shared
-                sampled = int(rec.peak)
-                peak = sampled if rec.shared else max(sampled, growth)
+                peak = int(rec.peak) if shared else max(int(rec.peak), growth)
                 prefix, failed = rec.prefix, rec.fired is not None
             state.recent[key] = peak
             if len(state.recent) > RECENT_TASKS:
