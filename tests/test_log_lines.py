@@ -13,6 +13,7 @@ import re
 import dask
 import pytest
 from distributed import Client
+from distributed.utils_test import gen_cluster
 
 import catalog
 from catalog.events import EVENTS
@@ -108,3 +109,17 @@ def test_bookkeeping_goes_to_debug(catalog_records):
     assert not [m for m in loud if "nothing to do" in m or "set nothing" in m]
     assert any("has nothing to do on a scheduler" in m for m in quiet)
     assert set(EVENTS) >= {"worker-event", "client-event"}
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_a_topic_of_your_own_is_news_and_distributeds_is_bookkeeping(
+    c, s, catalog_records
+):
+    await c.register_plugin(catalog.EventLog())
+    await c.log_event("my-topic", {"rows": 12})
+    s.log_event("all", {"action": "gather", "count": 3})
+    said = {r.getMessage(): r.levelno for r in catalog_records}
+    assert said['my-topic: topic="my-topic" msg={"rows": 12}'] == logging.INFO
+    assert said['all: topic="all" msg={"action": "gather", "count": 3}'] == (
+        logging.DEBUG
+    )
