@@ -680,7 +680,8 @@ async def install(
         refuse(server, f"catalog entry {entry.name!r} on {role}: {exc}")
         return
     if not built:
-        logger.info("catalog entry %r has nothing to do on a %s", entry.name, role)
+        # Bookkeeping, not news: nothing happened (DEBUG, as issue #15 asks).
+        logger.debug("catalog entry %r has nothing to do on a %s", entry.name, role)
         return
     for target, plugin in built:
         if role == "worker":

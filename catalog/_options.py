@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-from dask.utils import parse_bytes, parse_timedelta
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
 from catalog._secrets import MASK, looks_secret, mask_text
 
 __all__ = [
+    "MIN_MEMORY",
     "Boolean",
     "Choice",
     "Duration",
@@ -27,6 +28,8 @@ __all__ = [
     "Size",
     "SizeOrFraction",
     "Text",
+    "bare_number",
+    "to_bytes",
 ]
 
 NONE_WORDS = frozenset({"none", "off", "never", "null"})
@@ -92,68 +95,141 @@ class OptionType(click.ParamType):
         return self.accepted + ("; or none" if self.nullable else "")
 
 
+#: The smallest memory amount a memory option takes: anything less is a unit
+#: forgotten ("4" meant as 4GiB), never a limit anyone means.
+MIN_MEMORY = 2**20
+#: A number with no unit: dask's ``parse_bytes`` reads it as bytes.
+_BARE_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?|[+-]?(nan|inf)")
+
+
+def bare_number(value: Any) -> float | None:
+    """``value`` as a float when it is a number without a unit, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip()
+    return float(text) if _BARE_NUMBER.fullmatch(text.lower()) else None
+
+
+def to_bytes(value: Any) -> int:
+    """A whole number of bytes from dask's spellings, as ``parse_bytes`` reads them.
+
+    A bare whole number is bytes (``20000``, ``"20000"``), as in dask. Refused:
+    booleans, negative sizes, a bare number that is not whole (dask would read
+    ``"1.5"`` as 1 byte) and unknown units.
+    """
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        nbytes = value
+    else:
+        text = str(value).strip()
+        number = bare_number(text)
+        if re.fullmatch(r"[+-]?\d+", text):
+            nbytes = int(text)  # exact, however large
+        elif number is not None:
+            if not number.is_integer():
+                raise ValueError(
+                    "a bare number is a whole number of bytes; give a unit, "
+                    'such as "1.5GiB"'
+                )
+            nbytes = int(number)
+        else:
+            try:
+                nbytes = int(parse_bytes(text))
+            except (ValueError, OverflowError, TypeError, KeyError) as exc:
+                raise ValueError(f"not a known size or unit: {exc}") from None
+    if nbytes < 0:
+        raise ValueError("a size cannot be negative")
+    return nbytes
+
+
 class Size(OptionType):
-    """A number of bytes, spelled as dask spells sizes (``"4GiB"``, ``"500MB"``)."""
+    """A number of bytes: dask's spellings (``"4GiB"``, ``"500MB"``) or bare bytes.
+
+    Args:
+        nullable: ``None`` (or "none") means "not set".
+        memory: the option is an amount of memory, not a file size: less than
+            :data:`MIN_MEMORY` is refused as a forgotten unit.
+    """
 
     name = "size"
 
-    def __init__(self, nullable: bool = False) -> None:
+    def __init__(self, nullable: bool = False, memory: bool = False) -> None:
         self.nullable = nullable
-        self.accepted = 'a size such as "300MiB" or "2GB"'
+        self.memory = memory
+        self.accepted = 'a size such as "300MiB" or "2GB", or a whole number of bytes'
+        if memory:
+            self.accepted += " (at least 1 MiB)"
 
     def parse(self, value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError("not a size")
-        if isinstance(value, str) and not re.search(r"[A-Za-z]", value):
-            # dask reads a bare "1.5" as 1 byte; a size must carry its unit.
-            raise ValueError("a size needs a unit")
-        nbytes = parse_bytes(value)
-        if nbytes <= 0:
+        nbytes = to_bytes(value)
+        self.check(value, nbytes)
+        return nbytes
+
+    def check(self, value: Any, nbytes: int) -> None:
+        """Refuse sizes the option cannot mean; subclasses allow more."""
+        if nbytes == 0:
             raise ValueError("must be more than 0 bytes")
-        return int(nbytes)
+        if self.memory and nbytes < MIN_MEMORY:
+            text = str(value).strip()
+            if bare_number(value) is not None:
+                raise ValueError(
+                    f"{text} is {nbytes} bytes, below the 1 MiB a memory amount "
+                    f"needs; did you mean {text}MiB or {text}GiB?"
+                )
+            raise ValueError(
+                f"{format_bytes(nbytes)}, below the 1 MiB a memory amount needs"
+            )
 
 
 class RotateSize(Size):
-    """A size with a unit at which a file rotates, or 0 for never."""
+    """A file size at which a file rotates, or 0 for never."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.accepted = 'a size such as "100MiB", or 0 for never'
+        self.accepted = (
+            'a size such as "100MiB" or a whole number of bytes, or 0 for never'
+        )
 
-    def parse(self, value: Any) -> int:
-        if not isinstance(value, bool) and str(value).strip() in ("0", "0.0"):
-            return 0
-        return super().parse(value)
+    def check(self, value: Any, nbytes: int) -> None:
+        if nbytes:
+            super().check(value, nbytes)
 
 
 class SizeOrFraction(OptionType):
-    """A size with a unit, or a float in (0, 1]: a fraction of some total.
+    """A float in (0, 1], a fraction of some total; or a memory amount.
 
-    A bare number above 1 is refused: ``parse_bytes("1.5")`` is 1 byte in dask,
-    which is never what anyone meant.
+    A bare number in (0, 1] is a fraction (``1`` is the whole total); a bare
+    whole number above 1 is bytes, as everywhere in dask, so the 1 MiB floor of
+    a memory amount applies to it (``4`` is refused, suggesting ``4GiB``). A
+    bare number above 1 that is not whole (``1.5``) is refused:
+    ``parse_bytes("1.5")`` is 1 byte in dask, which is never what anyone meant.
     """
 
     name = "size-or-fraction"
 
     def __init__(self, of: str, nullable: bool = False) -> None:
         self.nullable = nullable
+        self.size = Size(memory=True)
         self.accepted = (
-            f'a fraction of the {of} in (0, 1] such as 0.9, or a size such as "2GiB"'
+            f"a fraction of the {of} in (0, 1] such as 0.9, or {self.size.accepted}"
         )
 
     def parse(self, value: Any) -> float | int:
-        if isinstance(value, bool):
-            raise ValueError("not a size")
-        if isinstance(value, int) and value > 1:
-            return value  # already bytes (a value this type returned)
-        text = str(value).strip()
-        try:
-            number = float(text)
-        except ValueError:
-            return Size().parse(text)
-        if not 0 < number <= 1 or math.isnan(number):
-            raise ValueError("a bare number must be a fraction in (0, 1]")
-        return number
+        number = bare_number(value)
+        if number is not None:
+            if 0 < number <= 1:
+                return number
+            if number < 0:
+                raise ValueError("a size cannot be negative")
+            if not number.is_integer() or number == 0:
+                raise ValueError(
+                    "a bare number must be a fraction in (0, 1] or a whole number "
+                    'of bytes; give a unit, such as "1.5GiB"'
+                )
+        return self.size.parse(value)
 
 
 class Duration(OptionType):

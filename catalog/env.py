@@ -345,7 +345,9 @@ class _EnvironmentBase(EntryPlugin):
 
     def log_applied(self, variables: Mapping[str, str], paths: Sequence[str]) -> None:
         shown = ", ".join(mask_text(f"{k}={v}") for k, v in variables.items())
-        logger.info(
+        # Setting nothing is bookkeeping (the "active" line says so already).
+        logger.log(
+            logging.INFO if variables or paths else logging.DEBUG,
             "catalog.env on %s %s: set %s%s",
             self.role,
             address_of(self.server),

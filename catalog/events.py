@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -41,6 +42,24 @@ EVENTS = (
     "worker-event",
     "client-event",
 )
+
+#: distributed's own event topics: its bookkeeping ("all": gather, scatter,
+#: rebalance ...), logged at DEBUG without a file, as are ``worker-event`` and
+#: ``client-event``. Every other event, topics of your own included, is INFO.
+DISTRIBUTED_TOPICS = frozenset(
+    {
+        "all",
+        "scheduler",
+        "transitions",
+        "stealing",
+        "current-time",
+        "print",
+        "warn",
+        "worker-get-client",
+        "worker-client",
+    }
+)
+_LOGGED_AT_DEBUG = DISTRIBUTED_TOPICS | {"worker-event", "client-event"}
 
 #: Scheduler events that the named events above already record.
 _COVERED_ACTIONS = frozenset(
@@ -134,6 +153,19 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, bytes):
         return f"<{len(obj)} bytes>"
     return str(obj)
+
+
+def log_message(event: str, fields: dict[str, Any]) -> str:
+    """``event: k=v k=v``, each value as ASCII JSON, so no value breaks the line.
+
+    The event name (a topic can be any text) is left to the catalog's log
+    filter, which escapes control characters in every catalog log line.
+
+    >>> log_message("worker-added", {"worker": "tcp://h:1", "nthreads": 2})
+    'worker-added: worker="tcp://h:1" nthreads=2'
+    """
+    shown = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
+    return f"{event}: {shown}" if shown else event
 
 
 def reason_of(stimulus_id: str) -> str:
@@ -243,7 +275,12 @@ class EventLog(SchedulerEntryPlugin):
                 for k, v in fields.items()
             }
             extra["event"] = event
-            self._logger.info(event, extra=extra)
+            # The message says what happened, with its fields; distributed's own
+            # topics ("all": gather, scatter ...) and per-worker or per-client
+            # chatter are bookkeeping: DEBUG.
+            level = logging.DEBUG if event in _LOGGED_AT_DEBUG else logging.INFO
+            if self._logger.isEnabledFor(level):
+                self._logger.log(level, "%s", log_message(event, fields), extra=extra)
         fam = families_for(self.server)
         if fam is not None:
             fam.counter(

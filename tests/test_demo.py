@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,16 +12,38 @@ import pytest
 
 from tests.procs import dask_command
 
+#: Stands in for numpy where the demo runs: a bare `pip install .` has none
+#: (numpy is only in the test extra), and neither may the demo need it.
+NO_NUMPY = (
+    "raise ModuleNotFoundError(\"No module named 'numpy' (blocked: the demo must run "
+    "on a bare install)\", name='numpy')\n"
+)
+
+
+def without_numpy(tmp_path) -> dict[str, str]:
+    """An environment where `import numpy` fails, in every process started in it."""
+    blocker = tmp_path / "no-numpy"
+    (blocker / "numpy").mkdir(parents=True)
+    (blocker / "numpy" / "__init__.py").write_text(NO_NUMPY)
+    path = os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
 
 @pytest.mark.slow
 def test_demo_runs_every_entry_and_writes_its_files(tmp_path):
     out = tmp_path / "demo"
+    env = without_numpy(tmp_path)
+    check = subprocess.run(
+        [sys.executable, "-c", "import numpy"], env=env, capture_output=True, text=True
+    )
+    assert "No module named 'numpy'" in check.stderr  # the blocker blocks
     result = subprocess.run(
         [*dask_command(), "catalog", "demo", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=180,
         cwd=tmp_path,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout

@@ -98,7 +98,7 @@ def test_config_and_explicit_values():
     ("kwargs", "words"),
     [
         ({"backups": -1}, ["backups", "-1", ">= 0"]),
-        ({"rotate_bytes": "12"}, ["rotate_bytes", "unit"]),
+        ({"rotate_bytes": "12.5"}, ["rotate_bytes", "unit"]),
         ({"include": [""]}, ["include", "event name"]),
     ],
 )
@@ -252,10 +252,12 @@ async def test_without_file_events_go_to_the_logger(c, s, a, b):
             await c.submit(fail, "oops", key="oops-1")
     finally:
         logger.removeHandler(handler)
-    by_name = {r.getMessage(): r for r in handler.records}
+    by_name = {r.event: r for r in handler.records}
     assert "graph-submitted" in by_name and "task-erred" in by_name
     erred = by_name["task-erred"]
     assert erred.levelno == logging.INFO
+    # The message says what happened, with the fields (issue #15).
+    assert erred.getMessage().startswith('task-erred: key="oops-1" prefix="oops" ')
     assert erred.event == "task-erred"
     assert erred.key == "oops-1" and erred.prefix == "oops"
     assert erred.worker in (a.address, b.address)
@@ -471,14 +473,16 @@ def test_real_cluster_audit_log(procs, tmp_path):
 @pytest.mark.slow
 def test_cli_bad_value_exits_2():
     proc = subprocess.run(
-        scheduler_command("--preload", "catalog.events", "--events-rotate-bytes", "12"),
+        scheduler_command(
+            "--preload", "catalog.events", "--events-rotate-bytes", "12.5"
+        ),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if "Error:" in line]
-    assert error and "--events-rotate-bytes" in error[0] and "'12'" in error[0]
+    assert error and "--events-rotate-bytes" in error[0] and "'12.5'" in error[0]
 
 
 @pytest.mark.slow

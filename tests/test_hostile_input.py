@@ -48,7 +48,7 @@ BAD_KWARGS = [
     ("SchedulerTracer", "states", ["sleeping"]),
     ("MemoryGuard", "process_limit", 1.5),
     ("Watchdog", "warn_after", "later"),
-    ("EventLog", "rotate_bytes", "12"),
+    ("EventLog", "rotate_bytes", "12.5"),
 ]
 
 
@@ -129,7 +129,7 @@ def test_bad_cli_values_exit_2_naming_the_option():
         (
             [
                 *("scheduler", "--host", LOOPBACK, "--port", "0"),
-                *("--preload", "catalog.events", "--events-rotate-bytes", "12"),
+                *("--preload", "catalog.events", "--events-rotate-bytes", "12.5"),
             ],
             "--events-rotate-bytes",
             "unit",

@@ -100,7 +100,7 @@ def test_options_parse_and_normalise():
         ({"logger": ["foo"]}, "--logging-logger"),
         ({"logger": ["foo=LOUD"]}, "--logging-logger"),
         ({"logger": ["a b=INFO"]}, "--logging-logger"),
-        ({"rotate_bytes": "100"}, "--logging-rotate-bytes"),
+        ({"rotate_bytes": "1.5"}, "--logging-rotate-bytes"),
         ({"backups": -1}, "--logging-backups"),
         ({"file": "/tmp/{worker}.log"}, "--logging-file"),
     ],

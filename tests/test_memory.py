@@ -31,6 +31,7 @@ from catalog.memory import (
     split_growth,
 )
 from tests.procs import LOOPBACK, REPO_ENV, local_cluster, worker_command
+from tests.test_metrics import scrape_of, value
 
 MiB = 2**20
 
@@ -218,6 +219,70 @@ async def test_task_limit_fails_the_task_and_worker_goes_on(c, s, a):
     assert stats["grow"]["count"] == 1
     assert stats["grow"]["failed"] == 1
     assert stats["grow"]["max"] == peak
+
+
+def test_rss_reader_reads_what_psutil_reads_and_falls_back_after_close():
+    import psutil
+
+    from catalog.memory import RssReader
+
+    process = psutil.Process()
+    reader = RssReader(process)
+    try:
+        block = b"r" * (32 * MiB)  # RSS moves between readings: compare in between
+        before = process.memory_info().rss
+        ours = reader()
+        after = process.memory_info().rss
+        assert min(before, after) - MiB <= ours <= max(before, after) + MiB
+        assert len(block) == 32 * MiB
+    finally:
+        reader.close()
+    assert reader.fd is None
+    assert abs(reader() - process.memory_info().rss) <= MiB  # psutil now
+
+
+def nap(i: int, seconds: float = 0.02) -> int:
+    time.sleep(seconds)
+    return i
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_tasks_shorter_than_the_interval_are_counted_with_their_growth(c, s, a):
+    # `--enable metrics,memory`; no sample can land inside a task.
+    await c.register_plugin(catalog.Metrics())
+    await c.register_plugin(MemoryGuard(interval="30s"))
+    assert await c.gather([c.submit(nap, i, key=f"nap-{i}") for i in range(3)])
+    held = c.submit(make_data, 64 * MiB, key="make_data-1")
+    await held  # the result stays on the worker: RSS grew by it, start to end
+    text = scrape_of(a)
+    assert value(text, "dask_catalog_task_peak_memory_bytes_count", prefix="nap") == 3
+    count = value(text, "dask_catalog_task_peak_memory_bytes_count", prefix="make_data")
+    assert count == 1
+    total = value(text, "dask_catalog_task_peak_memory_bytes_sum", prefix="make_data")
+    assert total >= 60 * MiB
+    stats = await report(c)
+    assert stats["nap"]["count"] == 3
+    assert stats["make_data"]["count"] == 1
+    assert stats["make_data"]["max"] >= 60 * MiB
+    assert a.plugins["catalog.memory"].peak_of("make_data-1") >= 60 * MiB
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 2)])
+async def test_sampled_and_short_tasks_are_each_counted_exactly_once(c, s, a):
+    await c.register_plugin(catalog.Metrics())
+    await c.register_plugin(MemoryGuard(interval="20ms"))
+    long = [c.submit(grow, 5, 10, 0.02, key=f"grow-{i}") for i in range(2)]
+    short = [c.submit(nap, i, 0.002, key=f"nap-{i}") for i in range(20)]
+    await c.gather(long + short)
+    text = scrape_of(a)
+    counts = {
+        prefix: value(text, "dask_catalog_task_peak_memory_bytes_count", prefix=prefix)
+        for prefix in ("grow", "nap")
+    }
+    assert counts == {"grow": 2, "nap": 20}
+    stats = await report(c)
+    assert (stats["grow"]["count"], stats["nap"]["count"]) == (2, 20)
+    assert stats["grow"]["max"] >= 40 * MiB  # sampled while growing to 50 MiB
 
 
 @gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])

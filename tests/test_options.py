@@ -16,6 +16,7 @@ from catalog._options import (
     Integer,
     LogLevel,
     NameValue,
+    RotateSize,
     Size,
     SizeOrFraction,
 )
@@ -47,14 +48,21 @@ def test_size_is_idempotent_and_round_trips_format_bytes(nbytes):
 
 
 @given(st.floats(allow_nan=True, allow_infinity=True).map(str) | st.text(max_size=12))
-def test_size_never_crashes_and_never_takes_a_bare_number(text):
+def test_size_never_crashes_and_takes_only_whole_bytes(text):
     try:
         value = Size().convert(text, None, None)
     except click.BadParameter as exc:
         assert repr(text) in exc.format_message()
     else:
-        assert value > 0
-        assert any(c.isalpha() for c in text)
+        assert isinstance(value, int) and value > 0
+
+
+@given(st.integers(min_value=1, max_value=2**53))
+def test_bare_whole_number_is_bytes_as_in_dask(nbytes):
+    from dask.utils import parse_bytes
+
+    for value in (nbytes, str(nbytes), float(nbytes)):
+        assert Size().convert(value, None, None) == parse_bytes(str(nbytes)) == nbytes
 
 
 @given(st.floats(min_value=1e-9, max_value=1.0))
@@ -62,8 +70,8 @@ def test_fraction_in_unit_interval_is_a_fraction(number):
     assert SizeOrFraction("limit").convert(str(number), None, None) == number
 
 
-@given(st.floats(min_value=1.0001, max_value=1e12))
-def test_bare_number_above_one_is_refused(number):
+@given(st.floats(min_value=1.0001, max_value=1e12).filter(lambda x: not x.is_integer()))
+def test_bare_number_above_one_that_is_not_whole_is_refused(number):
     message = bad(SizeOrFraction("worker memory limit"), str(number))
     assert "fraction" in message and "GiB" in message
 
@@ -150,3 +158,163 @@ def test_buckets_must_increase(numbers):
 def test_errors_show_value_and_what_is_accepted(type_, value, accepted):
     message = bad(type_, value)
     assert repr(value) in message and accepted in message
+
+
+# ---------------------------------------------------------------------------
+# Sizes: a bare whole number is bytes, in every way in (issues #15, #22)
+# ---------------------------------------------------------------------------
+
+
+def _ways_in(entry_module, option: str, value):
+    """The setting ``value`` gives through each way in, or the error it gives.
+
+    CLI (click, as `dask worker` parses it), Python keyword, dask config and an
+    environment variable (parsed by dask's own ``collect_env``).
+    """
+    import dask.config
+
+    from catalog._entry import OptionError
+
+    entry = entry_module.dask_setup.entry
+    opt = entry.option(option)
+    plugin = entry_module.dask_setup.plugins["worker"]
+    out = {}
+    ctx = entry_module.dask_setup.make_context(
+        "dask_setup", [entry.flag(opt), str(value)]
+    )
+    error = ctx.params.get("_usage_error")
+    out["cli"] = error or entry.given_from_params(ctx.params)[opt.keyword]
+    for way, make in [
+        ("python", lambda: plugin(**{opt.keyword: value})),
+        ("config", lambda: _with_config({entry.config_key(opt): value}, plugin)),
+        (
+            "env",
+            lambda: _with_config(
+                dask.config.collect_env({entry.env_var(opt): str(value)}), plugin
+            ),
+        ),
+    ]:
+        try:
+            out[way] = getattr(make().settings, opt.keyword)
+        except OptionError as exc:
+            out[way] = str(exc)
+    return out
+
+
+def _with_config(config, plugin):
+    import dask.config
+
+    with dask.config.set(config):
+        return plugin()
+
+
+@pytest.mark.parametrize("value", [20000, "20000", " 20000 "])
+def test_bare_integer_is_bytes_for_a_file_size_in_every_way_in(value):
+    import catalog.logging
+
+    got = _ways_in(catalog.logging, "rotate-bytes", value)
+    assert got == {"cli": 20000, "python": 20000, "config": 20000, "env": 20000}
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "nbytes"),
+    [
+        ("task-limit", 2**30, 2**30),
+        ("task-limit", "1073741824", 2**30),
+        ("process-limit", 4 * 2**30, 4 * 2**30),
+        ("process-limit", "4294967296", 4 * 2**30),
+        ("host-min-available", 2**20, 2**20),
+    ],
+)
+def test_bare_integer_is_bytes_for_a_memory_amount_in_every_way_in(
+    option, value, nbytes
+):
+    import catalog.memory
+
+    got = _ways_in(catalog.memory, option, value)
+    assert got == {"cli": nbytes, "python": nbytes, "config": nbytes, "env": nbytes}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("process-limit", 4), ("task-limit", "200"), ("host-min-available", 1023)],
+)
+def test_memory_amount_below_1mib_is_refused_with_the_unit_suggested(option, value):
+    import catalog.memory
+
+    got = _ways_in(catalog.memory, option, value)
+    for way, message in got.items():
+        assert isinstance(message, str), (way, message)
+        assert f"{value} is {value} bytes" in message, (way, message)
+        assert f"did you mean {value}MiB or {value}GiB?" in message, (way, message)
+        assert "1 MiB" in message, (way, message)
+    assert "--memory-" + option in got["cli"]
+    assert option.replace("-", "_") in got["python"]
+    assert f"catalog.memory.{option}" in got["config"]
+    assert f"catalog.memory.{option}" in got["env"]
+
+
+def test_memory_amount_with_a_unit_below_1mib_is_refused():
+    message = bad(Size(memory=True), "512KiB")
+    assert "'512KiB'" in message and "below the 1 MiB" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("-5", "negative"),
+        (-5, "negative"),
+        ("-1GiB", "negative"),
+        ("1.5", "whole number of bytes"),
+        (1.5, "whole number of bytes"),
+        ("nan", "whole number of bytes"),
+        ("5 parsecs", "unit"),
+        ("0", "more than 0"),
+        (True, "not a size"),
+    ],
+)
+def test_ambiguous_sizes_are_refused_saying_why(value, reason):
+    message = bad(Size(), value)
+    assert repr(value) in message and reason in message
+    assert "whole number of bytes" in message.split("accepted:")[1]
+
+
+def test_rotate_size_takes_bytes_and_zero_for_never():
+    assert RotateSize().convert("20000", None, None) == 20000
+    assert RotateSize().convert(0, None, None) == 0
+    assert RotateSize().convert("0", None, None) == 0
+    assert "negative" in bad(RotateSize(), "-1")
+
+
+@pytest.mark.parametrize(
+    ("value", "setting"),
+    [
+        ("0.9", 0.9),
+        (0.9, 0.9),
+        ("1", 1.0),
+        (1, 1.0),
+        ("2GiB", 2 * 2**30),
+        ("4294967296", 4 * 2**30),
+        (4 * 2**30, 4 * 2**30),
+        (4.0 * 2**30, 4 * 2**30),
+    ],
+)
+def test_size_or_fraction_reads_fractions_and_bytes(value, setting):
+    parsed = SizeOrFraction("worker memory limit").convert(value, None, None)
+    assert parsed == setting and type(parsed) is type(setting)
+    again = SizeOrFraction("worker memory limit").convert(parsed, None, None)
+    assert again == parsed and type(again) is type(parsed)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("1.5", "fraction in (0, 1]"),
+        ("0", "fraction in (0, 1]"),
+        ("-0.5", "negative"),
+        ("4", "did you mean 4MiB or 4GiB?"),
+    ],
+)
+def test_size_or_fraction_refuses_what_cannot_be_meant(value, reason):
+    message = bad(SizeOrFraction("worker memory limit"), value)
+    assert repr(value) in message and reason in message
