@@ -6,7 +6,8 @@ dask/distributed at the tag matching the installed version (the folder holding
 
     python benchmarks/compat.py --set short              # a few minutes (CI)
     python benchmarks/compat.py --set full --out /tmp/compat-full   # ~40 min, 2 cores
-    python benchmarks/compat.py --tests ~/src/distributed distributed/tests/test_nanny.py
+    python benchmarks/compat.py --tests ~/src/distributed \
+        distributed/tests/test_nanny.py
 
 The folder is copied to a temporary directory first (it may be read-only), and the
 suite's TLS certificates are copied next to the installed ``distributed`` package,
