@@ -20,7 +20,8 @@ bare and failed (or errored) with the catalog is a candidate; each candidate is 
 again 3 times each way, interleaved. It is a *difference* when at least 2 of its 3
 catalog reruns fail and the catalog reruns fail more often than the bare ones;
 otherwise it is reported as flaky. The exit status is 1 when there is a difference,
-or when a pass did not run at all; 0 otherwise.
+when a pass ran no test, or when the catalog pass wrote no trace file (the preload
+did not run); 0 otherwise.
 """
 
 from __future__ import annotations
@@ -259,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     ran = all(summary[label]["tests"] for label in ("bare", "catalog"))
     if not ran:
         print("FAILED: a pass ran no test (see its log)")
+        return 1
+    if not summary["trace_files"]:
+        # Without trace files the catalog never set up: "no difference" would
+        # prove nothing.
+        print("FAILED: the catalog pass wrote no trace file: the preload did not run")
         return 1
     if summary["differences"]:
         print(
