@@ -39,14 +39,22 @@ def start_cluster(
     procs: Procs,
     tmp_path: Path,
     n_workers: int,
-    *worker_args: str,
+    *catalog_args: str,
+    worker_args: tuple[str, ...] = (),
     scheduler_env: dict[str, str] | None = None,
 ) -> Cluster:
     """``dask scheduler`` and ``n_workers`` ``dask worker`` (with nannies), all
-    entries on, the tracer streaming to ``tmp_path/trace``, events to a file."""
+    entries on, the tracer streaming to ``tmp_path/trace``, events to a file.
+
+    ``catalog_args`` (entry options) go to every server, ``worker_args`` to the
+    workers only.
+    """
     trace_dir = tmp_path / "trace"
     events_file = tmp_path / "events.jsonl"
-    common = ("--preload", "catalog", "--enable", ALL, "--tracer-dir", str(trace_dir))
+    common = (
+        *("--preload", "catalog", "--enable", ALL, "--tracer-dir", str(trace_dir)),
+        *catalog_args,
+    )
     scheduler, address = procs.scheduler(
         *common, "--events-file", str(events_file), env=scheduler_env
     )

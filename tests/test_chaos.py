@@ -91,10 +91,8 @@ def test_chaos_kills_lose_at_most_the_last_interval(procs, tmp_path):
         procs,
         tmp_path,
         3,
-        "--nthreads",
-        "2",
-        "--tracer-flush-interval",
-        f"{FLUSH}s",
+        *("--tracer-flush-interval", f"{FLUSH}s"),
+        worker_args=("--nthreads", "2"),
         # Kills must not turn the computation into KilledWorker errors.
         scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "100"},
     )

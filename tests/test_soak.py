@@ -70,12 +70,8 @@ def test_soak_plateau_and_counts(procs, tmp_path):
         procs,
         tmp_path,
         2,
-        "--nthreads",
-        "1",
-        "--tracer-capacity",
-        str(CAPACITY),
-        "--tracer-flush-interval",
-        "500ms",
+        *("--tracer-capacity", str(CAPACITY), "--tracer-flush-interval", "500ms"),
+        worker_args=("--nthreads", "1"),
     )
     samples: list[dict] = []
     tasks = 0
