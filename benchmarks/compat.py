@@ -73,7 +73,13 @@ FULL = [
 # test known to differ with version 1's events INFO line.
 SHORT = [
     "distributed/tests/test_preload.py",
-    "distributed/tests/test_nanny.py",
+    "distributed/tests/test_nanny.py::test_nanny_restart",
+    "distributed/tests/test_nanny.py::test_repeated_restarts",
+    "distributed/tests/test_nanny.py::test_restart_memory",
+    "distributed/tests/test_nanny.py::test_environ_plugin",
+    "distributed/tests/test_nanny.py::test_nanny_plugin_simple",
+    "distributed/tests/test_nanny.py::test_num_fds",
+    "distributed/tests/test_nanny.py::test_scheduler_file",
     "distributed/tests/test_worker_memory.py::test_pause_executor_manual",
     "distributed/tests/test_worker_memory.py::test_pause_executor_with_memory_monitor",
     "distributed/tests/test_worker_memory.py::test_override_data_vs_memory_monitor",
