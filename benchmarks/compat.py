@@ -124,7 +124,12 @@ def install_certs(tests: Path) -> None:
 
 
 def run_pass(
-    copy: Path, selection: list[str], env: dict[str, str], out: Path, label: str
+    copy: Path,
+    selection: list[str],
+    env: dict[str, str],
+    out: Path,
+    label: str,
+    *pytest_args: str,
 ) -> tuple[dict[str, str], float, int]:
     """One pytest run of ``selection``; returns outcomes, seconds, exit status."""
     result = out / f"{label}.json"
@@ -134,7 +139,11 @@ def run_pass(
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parent), full_env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "pytest", "-p", "compat_outcomes", *selection]
+    cmd = [
+        *(sys.executable, "-m", "pytest", "-p", "compat_outcomes"),
+        *pytest_args,
+        *selection,
+    ]
     start = time.monotonic()
     with open(out / f"{label}.log", "w") as log:
         proc = subprocess.Popen(
@@ -254,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         outcomes: dict[str, dict[str, str]] = {}
         for label, env in envs.items():
             print(f"== {label} pass: {len(selection)} selections", flush=True)
-            got, seconds, status = run_pass(copy, selection, env, out, label)
+            # A failing test's captured logs can run to hundreds of MB (gen_cluster
+            # retrying); the reruns of the candidates keep them.
+            got, seconds, status = run_pass(
+                copy, selection, env, out, label, "--show-capture=no"
+            )
             outcomes[label] = got
             counts = Counter(got.values())
             summary[label] = {
