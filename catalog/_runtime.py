@@ -49,6 +49,7 @@ __all__ = [
     "prefix_of",
     "private_dir",
     "run_soon",
+    "server_running",
 ]
 
 logger = logging.getLogger("catalog")
@@ -606,6 +607,24 @@ MAX_BACKUPS = 100
 MAX_BUFFERED_LINES = 10_000
 
 
+def server_running(server: Any) -> Callable[[], bool]:
+    """Whether ``server`` has been neither stopped nor closed, for ``while_running``.
+
+    ``Server.stop()`` without ``close()`` (as some of distributed's own tests
+    do) runs no plugin teardown: a flush thread would outlive its server and
+    fail distributed's thread-leak check. ``stop()`` leaves only its private
+    flag behind, so that is read, with the status as the public fallback.
+    """
+
+    def running() -> bool:
+        if getattr(server, "_Server__stopped", False):
+            return False
+        status = getattr(getattr(server, "status", None), "name", "running")
+        return status not in ("closing", "closed", "failed")
+
+    return running
+
+
 class JsonLinesFile:
     """An append-only file of JSON lines, written in whole lines.
 
@@ -627,6 +646,9 @@ class JsonLinesFile:
         flush_interval: seconds between background flushes, or None.
         on_error: called with (what, exception) when a write fails at run time.
         max_buffered: lines kept while the file cannot be written.
+        while_running: asked before each background flush; once it answers
+            False the thread writes what is queued and ends (see
+            :func:`server_running`). ``close`` still writes anything later.
     """
 
     def __init__(
@@ -638,8 +660,10 @@ class JsonLinesFile:
         flush_interval: float | None = None,
         on_error: Callable[[str, BaseException], None] | None = None,
         max_buffered: int = MAX_BUFFERED_LINES,
+        while_running: Callable[[], bool] | None = None,
     ) -> None:
         self.path = expand_path(path)
+        self.while_running = while_running
         self.rotate_bytes = rotate_bytes
         self.backups = backups
         self.flush_interval = flush_interval
@@ -786,6 +810,8 @@ class JsonLinesFile:
         while not self._stop.wait(self.flush_interval):
             try:
                 self.flush()
+                if self.while_running is not None and not self.while_running():
+                    return
             except Exception as exc:  # one bad record must not end the flushing
                 if self.on_error is not None:
                     self.on_error(f"flushing {self.path}", exc)

@@ -35,6 +35,7 @@ from catalog._runtime import (
     prefix_of,
     private_dir,
     safe_filename,
+    server_running,
 )
 
 __all__ = [
@@ -170,6 +171,7 @@ class _Recorder:
                 self._drain,
                 flush_interval=s.flush_interval,
                 on_error=self.report_error,  # type: ignore[attr-defined]
+                while_running=server_running(server),
             )
             self._file.write(self._header())
             self._file.open()

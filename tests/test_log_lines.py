@@ -115,6 +115,9 @@ def test_bookkeeping_goes_to_debug(catalog_records):
 async def test_a_topic_of_your_own_is_news_and_distributeds_is_bookkeeping(
     c, s, catalog_records
 ):
+    # gen_cluster puts the loggers back as they were when distributed.utils_test
+    # was imported (after catalog, which sets INFO): DEBUG again, inside.
+    logging.getLogger("catalog").setLevel(logging.DEBUG)
     await c.register_plugin(catalog.EventLog())
     await c.log_event("my-topic", {"rows": 12})
     s.log_event("all", {"action": "gather", "count": 3})

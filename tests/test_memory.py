@@ -608,8 +608,9 @@ async def test_prefix_stats_are_bounded_and_count_the_overflow(c, s, a):
     try:
         for i in range(5):
             key = (f"prefix{i}", 0)
+            guard.transition(key, "ready", "executing")
             guard._start(a, state, 10_000 + i, key)
-            guard._finish(a, state, key)
+            guard.transition(key, "executing", "memory")
     finally:
         memory_module.MAX_PREFIXES = original
     # Like the metrics' prefix labels: `cap` prefixes, then "other".

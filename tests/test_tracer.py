@@ -10,14 +10,15 @@ import pickle
 import signal
 import stat
 import subprocess
+import threading
 import time
 
 import click
 import dask.config
 import pytest
 from click.testing import CliRunner
-from distributed import Client, WorkerPlugin
-from distributed.utils_test import gen_cluster
+from distributed import Client, Scheduler, WorkerPlugin
+from distributed.utils_test import gen_cluster, gen_test
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -693,3 +694,29 @@ async def test_ring_memory_stays_within_max_memory(c, s, a):
 async def test_default_ring_fits_16_mib(c, s, a):
     await c.register_plugin(catalog.Tracer())
     assert a.plugins["catalog.tracer"].capacity == 16 * 2**20 // 96
+
+
+@gen_test()
+async def test_a_stopped_scheduler_leaves_no_flush_thread(tmp_path):
+    # distributed's own test_nanny.py::test_scheduler_file stops a scheduler
+    # without closing it: no teardown runs, and a flush thread left behind
+    # failed that test's thread-leak check (found by benchmarks/compat.py).
+    def flushers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("catalog-flush")]
+
+    before = set(flushers())
+    s = await Scheduler(
+        host="127.0.0.1",
+        dashboard_address=":0",
+        preload=["catalog.tracer"],
+        preload_argv=[
+            ["--tracer-dir", str(tmp_path), "--tracer-flush-interval", "10ms"]
+        ],
+    )
+    assert set(flushers()) - before, "the tracer runs a flush thread"
+    s.stop()
+    deadline = time.monotonic() + 5
+    while set(flushers()) - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not set(flushers()) - before
+    await s.close()
