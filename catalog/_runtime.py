@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, ClassVar
 
+from dask.sizeof import sizeof
 from dask.utils import key_split
 from distributed import worker as _worker_module
 
@@ -697,6 +698,10 @@ class JsonLinesFile:
     def buffered(self) -> int:
         """Lines queued and not yet written."""
         return len(self._buffer)
+
+    def memory(self) -> int:
+        """Bytes of the lines queued and not yet written."""
+        return sizeof(list(self._buffer))
 
     def _open_fd(self) -> None:
         self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)

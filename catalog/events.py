@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+from dask.sizeof import sizeof
+
 from catalog._entry import (
     Entry,
     Option,
@@ -440,6 +442,14 @@ class EventLog(SchedulerEntryPlugin):
             scheduler=self.server.address,
             workers=len(self.server.workers),
         )
+
+    def memory(self) -> int:
+        """Bytes of lines waiting for the file and of the per-worker notes."""
+        names = ("_closing_reasons", "_removals", "_labels")
+        held = [getattr(self, name, None) or {} for name in names]
+        file = getattr(self, "_file", None)
+        queued = file.memory() if file is not None else 0
+        return queued + sum(sizeof(type(part)(part)) for part in held)
 
     def status(self) -> dict[str, Any]:
         out = super().status()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from dask.sizeof import sizeof
 from dask.utils import format_bytes
 from distributed.core import Status
 
@@ -447,6 +448,15 @@ class MemoryGuard(WorkerEntryPlugin):
             return {}
         with state.lock:
             return {p: st.as_dict() for p, st in state.prefixes.items()}
+
+    def memory(self) -> int:
+        """Bytes of the per-prefix figures, recent peaks and running records."""
+        state: _State | None = getattr(self, "_state", None)
+        if state is None:
+            return 0
+        with state.lock:
+            held = (state.prefixes, state.recent, state.by_key, state.begun)
+            return sum(sizeof(part) for part in held)
 
     def status(self) -> dict[str, Any]:
         out = super().status()

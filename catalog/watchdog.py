@@ -9,6 +9,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from dask.sizeof import sizeof
 from dask.utils import format_time
 
 from catalog import _runtime
@@ -459,6 +460,11 @@ class Watchdog(WorkerEntryPlugin):
         fam = families_for(self.worker)
         if fam is not None:
             fam.counter(counter, doc, ["prefix"]).labels(fam.prefix(prefix)).inc()
+
+    def memory(self) -> int:
+        """Bytes of the running tasks' records and the annotation cache."""
+        held = (getattr(self, "_tasks", None) or {}, getattr(self, "_timeouts", {}))
+        return sum(sizeof(dict(part)) for part in held)
 
     def status(self) -> dict[str, Any]:
         """The base status plus how many warnings and timeouts were issued."""

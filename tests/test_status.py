@@ -294,3 +294,32 @@ def test_cli_status_of_a_scheduler_without_the_catalog(procs, tmp_path):
     (worker,) = data["workers"].values()
     assert worker["error"] == NOT_INSTALLED
     assert_stops_quickly(procs)
+
+
+def _prefixed(i: int) -> int:
+    return i
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_entry_that_grows_with_work_shows_its_memory(tmp_path):
+    # Issue #22 point 12: the footprint of each entry, by its own count.
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        client.register_plugin(catalog.Metrics())
+        client.register_plugin(catalog.Tracer())
+        client.register_plugin(catalog.MemoryGuard())
+        client.register_plugin(catalog.Watchdog())
+        client.register_plugin(catalog.EventLog(file=str(tmp_path / "events.jsonl")))
+        futures = [
+            client.submit(_prefixed, i, key=f"p{i % 50}-{i}") for i in range(500)
+        ]
+        client.gather(futures)
+        data = status(client)
+        (worker,) = data["workers"].values()
+        memory = {name: entry["memory"] for name, entry in worker["entries"].items()}
+        memory["events"] = data["scheduler"]["entries"]["events"]["memory"]
+        for name in ("metrics", "tracer", "memory", "watchdog", "events"):
+            assert isinstance(memory[name], int) and memory[name] > 0, (name, memory)
+        # 50 prefixes of per-prefix figures: more than a handful of bytes each.
+        assert memory["memory"] > 50 * 50
+        text = status_text(data)
+        assert text.count("holds ") >= 5, text
