@@ -98,6 +98,16 @@ SHORT = [
 ]
 SETS = {"short": SHORT, "full": FULL}
 
+#: Differences that are an entry's purpose, not a fault: reported under
+#: "expected" with the reason, and not failing the job. Keep this list short.
+EXPECTED = {
+    "distributed/tests/test_scheduler.py::test_gather_failing_can_recover": (
+        "asserts distributed's own plain-text log format on the 'distributed' "
+        "logger's first handler; the logging entry replaces that handler with "
+        "its structured one by design (passes with every other entry on)"
+    ),
+}
+
 
 def catalog_env(trace_dir: str) -> dict[str, str]:
     """The environment of the catalog pass: every entry on every kind of server."""
@@ -295,11 +305,15 @@ def main(argv: list[str] | None = None) -> int:
                 for t in candidates:
                     reruns[t][label] += got.get(t, "error") in BAD
         summary["differences"] = {}
+        summary["expected"] = {}
         summary["flaky"] = {}
         for t in candidates:
             fails = {"bare": reruns[t]["bare"], "catalog": reruns[t]["catalog"]}
             kind = verdict(fails["bare"], fails["catalog"])
-            summary["differences" if kind == "difference" else "flaky"][t] = fails
+            if kind == "difference" and t in EXPECTED:
+                summary["expected"][t] = {**fails, "reason": EXPECTED[t]}
+            else:
+                summary["differences" if kind == "difference" else "flaky"][t] = fails
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
@@ -324,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fails['catalog']}/{RERUNS}"
             )
         return 1
-    print("OK: no test fails only with the catalog")
+    for t, info in summary.get("expected", {}).items():
+        print(f"expected difference: {t}: {info['reason']}")
+    print("OK: no test fails only with the catalog, beyond the expected ones")
     return 0
 
 
