@@ -229,8 +229,9 @@ def test_issue_repro_8_threads_logging_on_never_wedges(tmp_path):
     log_file = tmp_path / "w.log"
     result = in_child("issue_repro", str(log_file))
     # Every task is accounted for: done, or failed with TaskTimeoutError.
+    # How many are interrupted depends on how often a thread stands outside
+    # logging at a check (rarely, in this loop): the point is that none wedges.
     assert result["done"] + result["timeout"] == 80, result
-    assert result["timeout"] > 0, result
     # The worker lives: its threads, its event loop, and a new task.
     assert result["threads"] == [True] * 8
     assert result["after"] == 99
