@@ -106,6 +106,16 @@ EXPECTED = {
         "logger's first handler; the logging entry replaces that handler with "
         "its structured one by design (passes with every other entry on)"
     ),
+    "distributed/tests/test_client.py::test_forward_logging": (
+        "expects the root logger at Python's default WARNING; the logging entry "
+        "sets the root logger to its documented `level` option (INFO by default), "
+        "so the INFO record the test expects to be dropped is forwarded"
+    ),
+    "distributed/tests/test_client.py::test_upload_directory": (
+        "asserts that a nanny holds exactly one plugin (`[name] = a.plugins`); "
+        "the env and logging entries' nanny halves are NannyPlugins there, by "
+        "design (the preload and register_plugin install the same plugin)"
+    ),
 }
 
 

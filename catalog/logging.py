@@ -343,6 +343,19 @@ def _is_console(handler: logging.Handler) -> bool:
     )
 
 
+def _console_stream() -> Any:
+    """Where console lines go: the stream of distributed's own stderr handler.
+
+    distributed binds its handler's stream when it is imported; the entry's
+    lines go to the same stream, not to whatever ``sys.stderr`` is at set-up
+    time (a notebook's or a test's capture may have replaced it since).
+    """
+    for handler in logging.getLogger("distributed").handlers:
+        if _is_console(handler):
+            return getattr(handler, "stream", sys.stderr)
+    return sys.stderr
+
+
 class _Pipeline:
     """The one handler of a process, and what it replaced."""
 
@@ -350,6 +363,9 @@ class _Pipeline:
         self.settings = settings
         self.servers: list[Any] = []
         self.saved: dict[str, tuple[list[logging.Handler], int, bool]] = {}
+        #: The level this pipeline left on each logger it changed: teardown
+        #: puts the old level back only where nobody changed it since.
+        self.set_levels: dict[str, int] = {}
         self.structlog_config: dict[str, Any] | None = None
         if settings.file:
             role = role_of(first)
@@ -371,8 +387,9 @@ class _Pipeline:
             colors = False
         else:
             self.path = None
-            self.handler = logging.StreamHandler(sys.stderr)
-            isatty = getattr(sys.stderr, "isatty", None)
+            stream = _console_stream()
+            self.handler = logging.StreamHandler(stream)
+            isatty = getattr(stream, "isatty", None)
             colors = bool(isatty and isatty())
         self.handler.addFilter(_Once())
         self.context = ServerContext(self.servers)
@@ -381,6 +398,7 @@ class _Pipeline:
     def _save(self, log: logging.Logger) -> None:
         if log.name not in self.saved:
             self.saved[log.name] = (list(log.handlers), log.level, log.propagate)
+        self.set_levels.setdefault(log.name, log.level)
 
     def install(self) -> None:
         root = logging.getLogger()
@@ -393,16 +411,18 @@ class _Pipeline:
             if any(_is_console(h) for h in log.handlers) or log is root:
                 self._save(log)
                 kept = [h for h in log.handlers if not _is_console(h)]
-                log.handlers = [*kept, self.handler]
+                log.handlers[:] = [*kept, self.handler]
         level = LogLevel.number(self.settings.level)
         for log in (root, logging.getLogger("catalog")):
             self._save(log)
             log.setLevel(level)
+            self.set_levels[log.name] = level
         for assignment in self.settings.logger:
             name, _, value = assignment.partition("=")
             log = logging.getLogger(name)
             self._save(log)
             log.setLevel(LogLevel.number(value))
+            self.set_levels[log.name] = log.level
         self.structlog_config = (
             structlog.get_config() if structlog.is_configured() else None
         )
@@ -419,12 +439,25 @@ class _Pipeline:
         )
 
     def uninstall(self) -> None:
+        # Undo only what this pipeline did: handlers and levels that others
+        # set since install (a test's captured_logger, a user's own handler)
+        # stay. The handler list is changed in place, as others hold it.
         for name, (handlers, level, propagate) in self.saved.items():
             log = logging.getLogger(name or None)
-            log.handlers = handlers
-            log.setLevel(level)
+            others = [h for h in log.handlers if h is not self.handler]
+            if len(others) < len(log.handlers):
+                # Ours is still in place: put back, in their old order, the
+                # console handlers it replaced and the others still there.
+                others = [
+                    *(h for h in handlers if h in others or _is_console(h)),
+                    *(h for h in others if h not in handlers),
+                ]
+            log.handlers[:] = others
+            if log.level == self.set_levels.get(name, level):
+                log.setLevel(level)
             log.propagate = propagate
         self.saved.clear()
+        self.set_levels.clear()
         if self.structlog_config is None:
             structlog.reset_defaults()
         else:

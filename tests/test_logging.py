@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import structlog
-from distributed.utils_test import gen_cluster
+from distributed.utils_test import captured_logger, gen_cluster
 
 import catalog
 from catalog._entry import OptionError
@@ -336,6 +336,48 @@ async def test_logger_levels_applied_and_restored(c, s, a, tmp_path):
     assert events["debug shown"]["logger"] == "catalog.test.level"
     assert events["warning shown"]["level"] == "warning"
     assert "info hidden" not in events
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_teardown_keeps_what_others_changed_since(c, s, a):
+    """distributed's test_reconnect_timeout: a captured_logger taken while the
+    entry runs must survive the entry's teardown (it used to be overwritten
+    with the handlers saved at install)."""
+    await c.register_plugin(StructuredLogging())
+    with captured_logger("distributed.client") as capture:
+        other = logging.getLogger("catalog.test.changed")
+        other.setLevel(logging.CRITICAL)
+        await c.unregister_worker_plugin(NAME)
+        logging.getLogger("distributed.client").error("after teardown")
+        assert "after teardown" in capture.getvalue()
+    assert other.level == logging.CRITICAL
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_console_lines_go_where_distributed_writes(c, s, a, capsys, tmp_path):
+    """distributed's test_print_remote / test_forward_output: with sys.stderr
+    replaced after distributed bound its handler (a test's capsys, a
+    notebook), the entry's lines go to distributed's stream, as its own do."""
+    (theirs,) = [
+        h
+        for h in logging.getLogger("distributed").handlers
+        if type(h) is logging.StreamHandler
+    ]
+    # A real file stream stands for the process's stderr (a StringIO would
+    # count as a capture, not a console).
+    with open(tmp_path / "stderr", "w") as stream:
+        old = theirs.setStream(stream)
+        try:
+            await c.register_plugin(StructuredLogging())
+            logging.getLogger("distributed.test").warning("where does it go")
+            await c.unregister_worker_plugin(NAME)
+        finally:
+            theirs.setStream(old)
+    (line,) = [
+        x for x in (tmp_path / "stderr").read_text().splitlines() if "where" in x
+    ]
+    assert json.loads(line)["event"] == "where does it go"
+    assert "where does it go" not in capsys.readouterr().err
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
