@@ -42,22 +42,25 @@ def start_cluster(
     *catalog_args: str,
     worker_args: tuple[str, ...] = (),
     scheduler_env: dict[str, str] | None = None,
+    bare: bool = False,
 ) -> Cluster:
     """``dask scheduler`` and ``n_workers`` ``dask worker`` (with nannies), all
     entries on, the tracer streaming to ``tmp_path/trace``, events to a file.
 
     ``catalog_args`` (entry options) go to every server, ``worker_args`` to the
-    workers only.
+    workers only. ``bare`` starts the same shape with no catalog at all (the
+    baseline a measurement is compared with; ``catalog_args`` are ignored).
     """
     trace_dir = tmp_path / "trace"
     events_file = tmp_path / "events.jsonl"
-    common = (
+    common: tuple[str, ...] = (
         *("--preload", "catalog", "--enable", ALL, "--tracer-dir", str(trace_dir)),
         *catalog_args,
     )
-    scheduler, address = procs.scheduler(
-        *common, "--events-file", str(events_file), env=scheduler_env
-    )
+    scheduler_args: tuple[str, ...] = (*common, "--events-file", str(events_file))
+    if bare:
+        common = scheduler_args = ()
+    scheduler, address = procs.scheduler(*scheduler_args, env=scheduler_env)
     workers = [
         procs.worker(address, *common, *worker_args, "--name", f"w{i}")
         for i in range(n_workers)
