@@ -56,7 +56,7 @@ ENTRY = Entry(
     },
     options=[
         Option(
-            "oom-retries",
+            "retries",
             Integer(0, nullable=True),
             None,
             "Fail a task once workers killed for memory while running its prefix "
@@ -66,7 +66,7 @@ ENTRY = Entry(
     ],
     examples=(
         "dask scheduler --preload catalog.oom",
-        "dask scheduler --preload catalog --enable oom,events --oom-oom-retries 1",
+        "dask scheduler --preload catalog --enable oom,events --oom-retries 1",
     ),
 )
 
@@ -139,17 +139,17 @@ class OOMReporter(SchedulerEntryPlugin):
     logs a WARNING, publishes a ``catalog.oom`` scheduler event, counts the kill
     per prefix, and fails now, with :class:`OOMKilledWorker`, each task that
     this death would fail anyway (``allowed-failures``) or whose prefix has
-    killed more than ``oom_retries`` workers. The other tasks are retried by
+    killed more than ``retries`` workers. The other tasks are retried by
     distributed as usual.
 
     Args:
-        oom_retries: workers killed for memory while a prefix runs before its
+        retries: workers killed for memory while a prefix runs before its
             tasks are failed early; None keeps distributed's rule.
 
     Example:
         >>> import catalog
-        >>> reporter = catalog.OOMReporter(oom_retries=1)
-        >>> reporter.settings.oom_retries
+        >>> reporter = catalog.OOMReporter(retries=1)
+        >>> reporter.settings.retries
         1
         >>> # client.register_plugin(reporter) starts it on the scheduler
     """
@@ -275,7 +275,7 @@ class OOMReporter(SchedulerEntryPlugin):
         """
         scheduler = self.server
         allowed = scheduler.allowed_failures
-        retries = self.settings.oom_retries
+        retries = self.settings.retries
         blamed_keys = {s["key"] for s in blamed}
         suspects = [{k: v for k, v in s.items()} for s in blamed]
         failed = []
@@ -294,7 +294,7 @@ class OOMReporter(SchedulerEntryPlugin):
             elif retries is not None and kills > retries:
                 why = (
                     f"Failed early: workers killed for memory while running prefix "
-                    f"{ts.prefix.name!r}: {kills} (catalog.oom oom-retries is "
+                    f"{ts.prefix.name!r}: {kills} (catalog.oom retries is "
                     f"{retries})."
                 )
             else:
