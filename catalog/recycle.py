@@ -323,6 +323,15 @@ class Recycler(WorkerEntryPlugin):
                 REQUEST_TIMEOUT,
             )
         except asyncio.TimeoutError:
+            answer = None
+        except Exception as exc:
+            self.requested = None
+            self.report_error("asking the scheduler to recycle", exc)
+            return
+        status = answer.get("status") if isinstance(answer, dict) else None
+        if status not in ("accepted", "deferred"):
+            # A scheduler without the handler logs "No handler catalog_recycle"
+            # and answers None (or, over some comms, nothing at all).
             self.requested = None
             self._quiet_until = time.monotonic() + RETRY_MISSING
             if not self._said_missing:
@@ -338,11 +347,6 @@ class Recycler(WorkerEntryPlugin):
                     format_time(RETRY_MISSING),
                 )
             return
-        except Exception as exc:
-            self.requested = None
-            self.report_error("asking the scheduler to recycle", exc)
-            return
-        status = answer.get("status") if isinstance(answer, dict) else None
         if status == "deferred":
             self.requested = None
             self.deferred += 1
