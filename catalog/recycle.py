@@ -480,17 +480,28 @@ class SchedulerRecycler(SchedulerEntryPlugin):
                 stimulus_id=stimulus_id,
             )
             waited = await self._drain(address)
-            # Results made while draining are copied too; then the worker leaves as
-            # an expected departure: its queued tasks go elsewhere, unsuspected.
-            await scheduler.retire_workers(
+            # The tasks queued there (it starts none while closing gracefully) go
+            # back to the scheduler, which tells the worker to drop them and gives
+            # them to others: the kill below then finds nothing processing there,
+            # so no task is counted as suspicious, however often workers recycle.
+            ws = scheduler.workers.get(address)
+            if ws is not None and ws.processing:
+                scheduler.transitions(
+                    {ts.key: "released" for ts in ws.processing}, stimulus_id
+                )
+            # Results made while draining are copied too.
+            retired = await scheduler.retire_workers(
                 workers=[address],
                 close_workers=nanny is None,
-                remove=True,
+                remove=nanny is None,
                 stimulus_id=stimulus_id,
             )
-            if address in scheduler.workers:
+            if address not in retired:
                 raise RuntimeError("its results could not be moved to other workers")
             if nanny:
+                # Not retire_workers(close_workers=True): the worker would close
+                # its nanny too. Killed through the nanny, whose status is still
+                # running, the worker process is started again.
                 await scheduler.rpc(nanny).kill(reason=stimulus_id, timeout=30)
             self.recycled += 1
             _count(scheduler, reason)
