@@ -52,6 +52,9 @@ RUNNING_OP = "catalog_recycle_running"
 REQUEST_TIMEOUT = 10.0
 #: How long a worker waits before asking again a scheduler that did not answer.
 RETRY_MISSING = 60.0
+#: A worker whose accepted recycle left it running this long asks again (the
+#: scheduler half puts a worker whose recycle failed back to work).
+FAILED_AFTER = 60.0
 #: How often the scheduler asks a retiring worker whether its tasks are done.
 DRAIN_POLL = 0.2
 #: Worker task states that hold a thread.
@@ -205,6 +208,7 @@ class Recycler(WorkerEntryPlugin):
         self._unmanaged_limit = self._unmanaged_bytes(worker)
         self._said_missing = False
         self._quiet_until = 0.0
+        self._requested_at = 0.0
         worker.handlers[RUNNING_OP] = self._running
         if not getattr(worker, "nanny", None):
             logger.warning(
@@ -268,8 +272,18 @@ class Recycler(WorkerEntryPlugin):
             except Exception as exc:
                 self.report_error("checking the recycle limits", exc)
                 continue
+            self._forget_failed_request()
             if due is not None and time.monotonic() >= self._quiet_until:
                 run_soon(self.worker, self._request, *due)
+
+    def _forget_failed_request(self) -> None:
+        """Ask again when an accepted recycle left this worker running (it failed)."""
+        if (
+            self.requested is not None
+            and time.monotonic() - self._requested_at > FAILED_AFTER
+            and getattr(self.worker.status, "name", "") == "running"
+        ):
+            self.requested = None
 
     def unmanaged(self) -> int:
         """Process memory minus the data this worker holds in memory, in bytes."""
@@ -315,6 +329,7 @@ class Recycler(WorkerEntryPlugin):
         if self.requested is not None or not self.active:
             return
         self.requested = reason
+        self._requested_at = time.monotonic()
         try:
             answer = await asyncio.wait_for(
                 worker.scheduler.catalog_recycle(
@@ -517,8 +532,26 @@ class SchedulerRecycler(SchedulerEntryPlugin):
         except Exception as exc:
             self.report_error(f"recycling worker {address}", exc)
             self._event("failed", **common, error=f"{type(exc).__name__}: {exc}")
+            self._resume(address, stimulus_id)
         finally:
             self.retiring.pop(address, None)
+
+    def _resume(self, address: str, stimulus_id: str) -> None:
+        """Put a worker whose recycle failed back to work, as retire_workers does."""
+        ws = self.server.workers.get(address)
+        if ws is None or ws.status.name != "closing_gracefully":
+            return
+        try:
+            self.server.handle_worker_status_change("running", ws, stimulus_id)
+            self.server.stream_comms[address].send(
+                {
+                    "op": "worker-status-change",
+                    "status": "running",
+                    "stimulus_id": stimulus_id,
+                }
+            )
+        except Exception as exc:
+            self.report_error(f"resuming worker {address}", exc)
 
     async def _drain(self, address: str) -> float:
         """Wait until the worker runs no task (or drain-timeout); seconds waited."""

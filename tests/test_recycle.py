@@ -348,3 +348,25 @@ def test_real_leak_triggers_max_unmanaged(procs, tmp_path):
         client.wait_for_workers(2, timeout=60)
     assert done["reason"] == "max-unmanaged" and done["worker"] == workers["w0"]
     assert "above max-unmanaged 150.00 MiB" in done["detail"]
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_a_failed_recycle_puts_the_worker_back_to_work(c, s, a, b):
+    await c.register_plugin(SchedulerRecycler())
+    plugin = s.plugins["catalog.recycle"]
+    ws = s.workers[a.address]
+    s.handle_worker_status_change("closing_gracefully", ws, "test-retire")
+    s.stream_comms[a.address].send(
+        {
+            "op": "worker-status-change",
+            "status": "closing_gracefully",
+            "stimulus_id": "t",
+        }
+    )
+    while a.status.name != "closing_gracefully":
+        await asyncio.sleep(0.01)
+    plugin._resume(a.address, "test-resume")
+    assert ws.status.name == "running"
+    while a.status.name != "running":
+        await asyncio.sleep(0.01)
+    assert await c.submit(sum, [1, 2], workers=[a.address]) == 3
