@@ -26,8 +26,11 @@ __all__ = [
     "MemoryGuard",
     "Metrics",
     "NannyStructuredLogging",
+    "OOMReporter",
+    "Recycler",
     "SchedulerEnvironment",
     "SchedulerMetrics",
+    "SchedulerRecycler",
     "SchedulerStructuredLogging",
     "SchedulerTracer",
     "StructuredLogging",
@@ -45,7 +48,10 @@ __all__ = [
 #: Every entry of the catalog, in the order the umbrella installs them: env
 #: first (it must act before anything reads the environment), logging next (so
 #: the others' lines come out formatted).
-ENTRY_MODULES = ("env", "logging", "metrics", "tracer", "memory", "watchdog", "events")
+ENTRY_MODULES = (
+    *("env", "logging", "metrics", "tracer", "memory", "watchdog", "events"),
+    *("recycle", "oom"),
+)
 
 #: The public classes, and the entry module each lives in.
 _FACADE = {
@@ -62,6 +68,9 @@ _FACADE = {
     "MemoryGuard": "memory",
     "Watchdog": "watchdog",
     "EventLog": "events",
+    "Recycler": "recycle",
+    "SchedulerRecycler": "recycle",
+    "OOMReporter": "oom",
 }
 
 register_defaults()
