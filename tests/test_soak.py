@@ -24,9 +24,10 @@ What must hold:
   tasks in the trace files (worker and scheduler) and the tasks the events file
   says were submitted all equal the tasks run.
 
-It runs in CI as a stage of its own (marker ``soak``, deselected from the
-default run). The 1-hour variant runs both clusters for an hour (not in CI;
-prints its samples):
+Marker ``soak``, deselected from the default run and not in CI yet: the
+scheduler's second-half growth exceeds the bound by about 1 MiB in one run of
+two (docs/reliability.md). The 1-hour variant runs both clusters for an hour
+(prints its samples):
 
     pytest -m soak tests/test_soak.py -s
     CATALOG_SOAK_MINUTES=60 pytest -m soak tests/test_soak.py -s
