@@ -21,6 +21,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ENTRY_MODULES",
+    "Dashboard",
     "Environment",
     "EventLog",
     "MemoryGuard",
@@ -33,6 +34,7 @@ __all__ = [
     "StructuredLogging",
     "Tracer",
     "Watchdog",
+    "WorkerDashboard",
     "WorkerEnvironment",
     "__version__",
     "dask_setup",
@@ -45,7 +47,16 @@ __all__ = [
 #: Every entry of the catalog, in the order the umbrella installs them: env
 #: first (it must act before anything reads the environment), logging next (so
 #: the others' lines come out formatted).
-ENTRY_MODULES = ("env", "logging", "metrics", "tracer", "memory", "watchdog", "events")
+ENTRY_MODULES = (
+    "env",
+    "logging",
+    "metrics",
+    "tracer",
+    "memory",
+    "watchdog",
+    "events",
+    "dashboard",
+)
 
 #: The public classes, and the entry module each lives in.
 _FACADE = {
@@ -62,6 +73,8 @@ _FACADE = {
     "MemoryGuard": "memory",
     "Watchdog": "watchdog",
     "EventLog": "events",
+    "Dashboard": "dashboard",
+    "WorkerDashboard": "dashboard",
 }
 
 register_defaults()
