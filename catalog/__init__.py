@@ -21,6 +21,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ENTRY_MODULES",
+    "Dashboard",
     "Environment",
     "EventLog",
     "MemoryGuard",
@@ -36,6 +37,7 @@ __all__ = [
     "StructuredLogging",
     "Tracer",
     "Watchdog",
+    "WorkerDashboard",
     "WorkerEnvironment",
     "__version__",
     "dask_setup",
@@ -50,7 +52,7 @@ __all__ = [
 #: the others' lines come out formatted).
 ENTRY_MODULES = (
     *("env", "logging", "metrics", "tracer", "memory", "watchdog", "events"),
-    *("recycle", "oom"),
+    *("recycle", "oom", "dashboard"),
 )
 
 #: The public classes, and the entry module each lives in.
@@ -71,6 +73,8 @@ _FACADE = {
     "Recycler": "recycle",
     "SchedulerRecycler": "recycle",
     "OOMReporter": "oom",
+    "Dashboard": "dashboard",
+    "WorkerDashboard": "dashboard",
 }
 
 register_defaults()

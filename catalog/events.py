@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -76,6 +78,9 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) |
 
 #: Distinct ``event`` label values on the metric before ``"other"``.
 MAX_EVENT_LABELS = 100
+
+#: Records kept in memory for the dashboard entry (``recent``).
+RECENT = 200
 
 _STIMULUS_TIME = re.compile(r"-\d+(\.\d+)?$")
 
@@ -248,6 +253,7 @@ class EventLog(SchedulerEntryPlugin):
         self._closing_reasons: dict[str, str] = {}
         self._removals: dict[str, dict[str, Any]] = {}
         self._labels: set[str] = set()
+        self._recent: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=RECENT)
         self._logger = logging.getLogger(LOGGER_NAME)
         self._file: JsonLinesFile | None = None
         if settings.file is not None:
@@ -269,6 +275,7 @@ class EventLog(SchedulerEntryPlugin):
         """Record one event (when the filters keep it) and count it."""
         if not self.active or not self._wanted(event):
             return
+        self._recent.append((time.time(), event, fields))
         if self._file is not None:
             self._file.write({"ts": utc_now(), "event": event, **fields})
         else:
@@ -450,6 +457,14 @@ class EventLog(SchedulerEntryPlugin):
         file = getattr(self, "_file", None)
         queued = file.memory() if file is not None else 0
         return queued + sum(sizeof(type(part)(part)) for part in held)
+
+    def recent(self, n: int = RECENT) -> list[dict[str, Any]]:
+        """The last ``n`` recorded events, newest first, as plain dicts."""
+        ring = list(getattr(self, "_recent", ()))[-n:] if n > 0 else []
+        return [
+            {"time": t, "event": event, **plain(fields)}
+            for t, event, fields in reversed(ring)
+        ]
 
     def status(self) -> dict[str, Any]:
         out = super().status()

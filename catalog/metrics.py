@@ -869,6 +869,35 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
     def status(self) -> dict[str, Any]:
         return {**super().status(), **self._export_status()}
 
+    def snapshot(self) -> dict[str, dict]:
+        """Per prefix label: ``{"success", "error", "wait": H, "compute": H}``.
+
+        ``H`` is ``{"bounds", "counts" (per bucket, the last above every
+        bound), "sum", "count"}``. The scheduler half keeps no compute times
+        yet: ``compute`` is an empty histogram with the same bounds.
+        """
+        buckets = list(getattr(self, "_buckets", ()))
+
+        def plain(h: _prom.Histogram | None) -> dict[str, Any]:
+            counts = list(h.counts) if h is not None else [0] * (len(buckets) + 1)
+            total = h.sum if h is not None else 0.0
+            return {
+                "bounds": buckets,
+                "counts": counts,
+                "sum": total,
+                "count": sum(counts),
+            }
+
+        return {
+            label: {
+                "success": st.success,
+                "error": st.error,
+                "wait": plain(st.wait),
+                "compute": plain(None),
+            }
+            for label, st in dict(getattr(self, "_stats", {})).items()
+        }
+
 
 class _SchedulerCollector:
     """The scheduler's families, built from the plugin's numbers at scrape time."""
