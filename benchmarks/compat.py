@@ -42,7 +42,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = REPO.parent / "shared" / "upstream" / "distributed-tests"
-ENTRIES = ["env", "logging", "metrics", "tracer", "memory", "watchdog", "events"]
+ENTRIES = [
+    *("env", "logging", "metrics", "tracer", "memory", "watchdog", "events"),
+    *("recycle", "oom", "dashboard"),
+]
 BAD = {"failed", "error"}
 RERUNS = 3
 #: Seconds a pytest run may take to exit after writing its outcomes.
