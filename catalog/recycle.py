@@ -210,6 +210,13 @@ class Recycler(WorkerEntryPlugin):
         self._quiet_until = 0.0
         self._requested_at = 0.0
         worker.handlers[RUNNING_OP] = self._running
+        self._stop = threading.Event()
+        if all(
+            v is None
+            for v in (settings.max_tasks, self.lifetime, self._unmanaged_limit)
+        ):
+            # No limit set: nothing will ever be recycled, so nothing to warn of.
+            return
         if not getattr(worker, "nanny", None):
             logger.warning(
                 "catalog.recycle: worker %s has no nanny, so a recycled worker does "
@@ -218,15 +225,10 @@ class Recycler(WorkerEntryPlugin):
                 "job queue) replaces it. Start it with --nanny to have it restarted.",
                 worker.address,
             )
-        self._stop = threading.Event()
-        if any(
-            v is not None
-            for v in (settings.max_tasks, self.lifetime, self._unmanaged_limit)
-        ):
-            self._thread = threading.Thread(
-                target=self._loop, name="catalog-recycle", daemon=True
-            )
-            self._thread.start()
+        self._thread = threading.Thread(
+            target=self._loop, name="catalog-recycle", daemon=True
+        )
+        self._thread.start()
 
     def on_teardown(self, worker: Any) -> None:
         stop = getattr(self, "_stop", None)

@@ -31,6 +31,8 @@ INFO_LINES = {
         r"|task-erred|task-retried|worker-restart-memory|restart|scheduler-closing)"
         r": \w[\w-]*=.+"
     ),
+    # Where the dashboard entry serves its page (an operator's first question).
+    "dashboard page": re.compile(r"catalog\.dashboard: the catalog page is at /\S*"),
 }
 
 
