@@ -7,38 +7,19 @@ is the umbrella preload that turns entries on with ``--enable``.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from catalog._config import register_defaults, share_distributed_log_handler
+from catalog._registry import builtin_names, facade, load_entries
 from catalog._status import status, status_text
 from catalog._text import escape_log_lines
+from catalog._version import __version__
 
-try:
-    __version__ = version("dask-catalog")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+#: The public classes, and the entry module each lives in (from the registry).
+_FACADE = facade()
 
 __all__ = [
     "ENTRY_MODULES",
-    "Dashboard",
-    "Environment",
-    "EventLog",
-    "MemoryGuard",
-    "Metrics",
-    "NannyStructuredLogging",
-    "OOMReporter",
-    "Recycler",
-    "SchedulerEnvironment",
-    "SchedulerMetrics",
-    "SchedulerRecycler",
-    "SchedulerStructuredLogging",
-    "SchedulerTracer",
-    "StructuredLogging",
-    "Tracer",
-    "Watchdog",
-    "WorkerDashboard",
-    "WorkerEnvironment",
     "__version__",
     "dask_setup",
     "dask_teardown",
@@ -46,36 +27,12 @@ __all__ = [
     "status",
     "status_text",
 ]
+# ... and every built-in entry's public classes, declared in the registry.
+__all__ += sorted(_FACADE)
 
-#: Every entry of the catalog, in the order the umbrella installs them: env
-#: first (it must act before anything reads the environment), logging next (so
-#: the others' lines come out formatted).
-ENTRY_MODULES = (
-    *("env", "logging", "metrics", "tracer", "memory", "watchdog", "events"),
-    *("recycle", "oom", "dashboard"),
-)
-
-#: The public classes, and the entry module each lives in.
-_FACADE = {
-    "Environment": "env",
-    "WorkerEnvironment": "env",
-    "SchedulerEnvironment": "env",
-    "StructuredLogging": "logging",
-    "SchedulerStructuredLogging": "logging",
-    "NannyStructuredLogging": "logging",
-    "Metrics": "metrics",
-    "SchedulerMetrics": "metrics",
-    "Tracer": "tracer",
-    "SchedulerTracer": "tracer",
-    "MemoryGuard": "memory",
-    "Watchdog": "watchdog",
-    "EventLog": "events",
-    "Recycler": "recycle",
-    "SchedulerRecycler": "recycle",
-    "OOMReporter": "oom",
-    "Dashboard": "dashboard",
-    "WorkerDashboard": "dashboard",
-}
+#: The built-in entries of the catalog, in the order the umbrella installs them
+#: (declared once, in catalog/_registry.py).
+ENTRY_MODULES = builtin_names()
 
 register_defaults()
 share_distributed_log_handler()
@@ -85,8 +42,12 @@ escape_log_lines(["catalog", *(f"catalog.{name}" for name in ENTRY_MODULES)])
 
 
 def entry_modules() -> list[Any]:
-    """The entry modules, imported."""
-    return [importlib.import_module(f"catalog.{name}") for name in ENTRY_MODULES]
+    """The entry modules, imported: the built-in ones, then other distributions'.
+
+    A third-party entry that cannot be imported is left out (and logged); the
+    built-ins never depend on it.
+    """
+    return load_entries()[0]
 
 
 def __getattr__(name: str) -> Any:
@@ -98,7 +59,8 @@ def __getattr__(name: str) -> Any:
     if name in ("dask_setup", "dask_teardown"):
         from catalog._umbrella import umbrella_preload
 
-        setup, teardown = umbrella_preload(entry_modules())
+        modules, broken = load_entries()
+        setup, teardown = umbrella_preload(modules, broken)
         globals().update(dask_setup=setup, dask_teardown=teardown)
         return globals()[name]
     raise AttributeError(f"module 'catalog' has no attribute {name!r}")

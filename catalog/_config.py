@@ -40,11 +40,11 @@ def register_defaults() -> None:
 
 def expected_defaults() -> dict[str, Any]:
     """What catalog.yaml must hold: derived from the entries' declarations."""
-    import catalog
+    from catalog._registry import builtin_names, entry_module
 
     section: dict[str, Any] = dict(GLOBAL_DEFAULTS)
-    for module in catalog.entry_modules():
-        entry = module.dask_setup.entry
+    for name in builtin_names():
+        entry = entry_module(name).dask_setup.entry
         section[entry.name] = entry.defaults()
     return {"catalog": section}
 
@@ -88,14 +88,15 @@ def unknown_keys(entry: str, options: Iterable[str]) -> list[str]:
     Returns:
         One message per unknown key, naming the closest known key.
     """
-    from catalog import ENTRY_MODULES
+    from catalog._registry import known_names
 
     section = dask.config.get("catalog", default=None)
     if not isinstance(section, dict):
         return []
     # A section of an entry from another package, not imported yet, is no typo:
     # at the top level only a near miss of a known name is reported.
-    top = [*GLOBAL_DEFAULTS, *ENTRY_MODULES, *sorted(ENTRY_NAMES - set(ENTRY_MODULES))]
+    names = known_names()
+    top = [*GLOBAL_DEFAULTS, *names, *sorted(ENTRY_NAMES - set(names))]
     problems = _unknown("catalog", section, top, only_close=True)
     own = next((v for k, v in section.items() if _kebab(k) == entry), None)
     if isinstance(own, dict):

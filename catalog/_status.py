@@ -18,12 +18,12 @@ def local_status(
     dask_server: Any = None, dask_worker: Any = None, dask_scheduler: Any = None
 ) -> dict:
     """The catalog's status on one server (run there by ``client.run``)."""
-    import catalog
     from catalog._entry import active_plugins
+    from catalog._version import __version__
 
     server = dask_server or dask_worker or dask_scheduler
     return {
-        "catalog": catalog.__version__,
+        "catalog": __version__,
         "entries": {
             plugin.entry.name: plugin.status()
             for plugin in active_plugins(server).values()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -22,26 +22,41 @@ __all__ = ["umbrella_preload"]
 
 
 def umbrella_preload(
-    modules: Sequence[ModuleType],
+    modules: Sequence[ModuleType], broken: Mapping[str, str] | None = None
 ) -> tuple[click.Command, Callable[[Any], None]]:
     """Build ``catalog.dask_setup`` / ``dask_teardown`` over the entry modules.
 
     ``--enable`` (repeatable, comma lists; config ``catalog.enable``) chooses the
     entries; every entry's options keep their own spelling. An option of an entry
     that is not enabled is a usage error naming the missing ``--enable``.
+
+    Args:
+        modules: the entry modules, in install order.
+        broken: third-party entries that could not be loaded, with why: naming
+            one in ``--enable`` is a usage error that says why.
     """
+    broken = dict(broken or {})
     commands = {m.dask_setup.entry.name: m.dask_setup for m in modules}
     entries: dict[str, Entry] = {name: c.entry for name, c in commands.items()}
 
     def enabled_from(params: dict[str, Any]) -> list[str]:
         given = params.get("enable") or ()
         if given:
-            return entry_names(given, list(entries), "--enable")
-        configured = dask.config.get("catalog.enable", default=[]) or []
-        if isinstance(configured, str):
-            # DASK_CATALOG__ENABLE=metrics,tracer arrives as one string.
-            configured = [configured]
-        return entry_names(configured, list(entries), "config catalog.enable")
+            values, source = given, "--enable"
+        else:
+            configured = dask.config.get("catalog.enable", default=[]) or []
+            if isinstance(configured, str):
+                # DASK_CATALOG__ENABLE=metrics,tracer arrives as one string.
+                configured = [configured]
+            values, source = configured, "config catalog.enable"
+        names = entry_names(values, [*entries, *broken], source)
+        for name in names:
+            if name in broken:
+                raise click.BadParameter(
+                    f"entry {name!r} cannot be enabled: {broken[name]}",
+                    param_hint=f"'{source}'",
+                )
+        return names
 
     def check(params: dict[str, Any]) -> None:
         enabled = enabled_from(params)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any
 
 import click
 
-from catalog import ENTRY_MODULES
 from catalog._entry import Entry
 from catalog._options import Duration
+from catalog._registry import entry_module, known_names, load_entries
 from catalog.tracer import trace_cli
 
 __all__ = ["main"]
@@ -19,11 +18,29 @@ ROLES = ("worker", "scheduler", "nanny", "client")
 
 
 def _entry(name: str) -> Entry:
-    return importlib.import_module(f"catalog.{name}").dask_setup.entry
+    return entry_module(name).dask_setup.entry
 
 
 def _plugin_classes(name: str) -> dict[str, type]:
-    return dict(importlib.import_module(f"catalog.{name}").dask_setup.plugins)
+    return dict(entry_module(name).dask_setup.plugins)
+
+
+class EntryName(click.Choice):
+    """An entry's name: a built-in one or one another distribution registered.
+
+    The choices are read when the command runs, not at import: installing a
+    package with entries needs no reload of the CLI.
+    """
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        self.choices = tuple(known_names())
+        return super().convert(value, param, ctx)
+
+    def get_metavar(self, param: Any, *args: Any) -> str:
+        return "ENTRY"
 
 
 @click.group(name="catalog")
@@ -36,11 +53,18 @@ def main() -> None:
 def list_entries() -> None:
     """Every entry: its name, what it does and where it runs."""
     rows = []
-    for name in ENTRY_MODULES:
-        entry = _entry(name)
+    modules, broken = load_entries()
+    for module in modules:
+        entry = module.dask_setup.entry
         rows.append(
-            (name, entry.summary, ", ".join(r for r in ROLES if r in entry.runs_on))
+            (
+                entry.name,
+                entry.summary,
+                ", ".join(r for r in ROLES if r in entry.runs_on),
+            )
         )
+    # A third-party entry that cannot be used is listed, with why.
+    rows += [(name, f"BROKEN: {error}", "-") for name, error in broken.items()]
     width = max(len(r[0]) for r in rows)
     where_width = max(len(r[2]) for r in rows)
     click.echo(f"{'ENTRY':<{width}}  {'RUNS ON':<{where_width}}  SUMMARY")
@@ -54,7 +78,11 @@ def show_text(name: str) -> str:
     entry = _entry(name)
     classes = _plugin_classes(name)
     main_class = next(iter(classes.values())).__name__
-    lines = [f"catalog.{name}: {entry.summary}", ""]
+    # A built-in entry's module is catalog.NAME; another distribution's is its own.
+    module = entry_module(name).__name__
+    # The facade re-exports the built-ins' classes; others' live in their module.
+    owner = "catalog" if module == f"catalog.{name}" else module
+    lines = [f"{module}: {entry.summary}", ""]
     lines.append("Runs on:")
     for role in ROLES:
         if role in entry.runs_on:
@@ -65,7 +93,7 @@ def show_text(name: str) -> str:
             f"  {opt.name}: {opt.help}",
             f"    CLI flag     {entry.flag(opt)} {opt.type.name.upper()}"
             + ("  (repeatable)" if opt.multiple else ""),
-            f"    Python       catalog.{main_class}({opt.keyword}=...)",
+            f"    Python       {owner}.{main_class}({opt.keyword}=...)",
             f"    config key   {entry.config_key(opt)}",
             f"    env var      {entry.env_var(opt)}",
             f"    default      {json.dumps(opt.default)}",
@@ -80,10 +108,10 @@ def show_text(name: str) -> str:
     lines += [
         "",
         "Three ways in:",
-        f"  dask worker tcp://scheduler:8786 --preload catalog.{name}{flag}",
+        f"  dask worker tcp://scheduler:8786 --preload {module}{flag}",
         f"  dask worker tcp://scheduler:8786 --preload catalog --enable {name}{flag}",
-        f"  client.register_plugin(catalog.{main_class}())",
-        f"  config: distributed.worker.preload: [catalog.{name}]",
+        f"  client.register_plugin({owner}.{main_class}())",
+        f"  config: distributed.worker.preload: [{module}]",
         f"      or: distributed.worker.preload: [catalog] + catalog.enable: [{name}]",
     ]
     if entry.examples:
@@ -92,10 +120,14 @@ def show_text(name: str) -> str:
 
 
 @main.command("show")
-@click.argument("entry", type=click.Choice(ENTRY_MODULES), metavar="ENTRY")
+@click.argument("entry", type=EntryName(), metavar="ENTRY")
 def show(entry: str) -> None:
     """One entry's options with all their spellings, defaults and examples."""
-    click.echo(show_text(entry))
+    try:
+        text = show_text(entry)
+    except ImportError as exc:  # a third-party entry that cannot be loaded
+        raise click.ClickException(str(exc)) from None
+    click.echo(text)
 
 
 class SchedulerAddress(click.ParamType):
@@ -181,7 +213,7 @@ def demo(output: str, workers: int, enable: tuple[str, ...], keep_alive: bool) -
     from catalog._entry import entry_names
     from catalog.demo import DEMO_ENTRIES, run_demo
 
-    chosen = entry_names(enable, ENTRY_MODULES, "--enable") if enable else DEMO_ENTRIES
+    chosen = entry_names(enable, known_names(), "--enable") if enable else DEMO_ENTRIES
     run_demo(output=output, workers=workers, enable=chosen, keep_alive=keep_alive)
 
 

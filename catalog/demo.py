@@ -14,9 +14,12 @@ import dask
 import dask.config
 from dask.utils import format_bytes, key_split
 
+from catalog._registry import demo_names
+
 __all__ = ["DEMO_ENTRIES", "demo_config", "run_demo"]
 
-DEMO_ENTRIES = ("env", "logging", "metrics", "tracer", "memory", "watchdog", "events")
+#: The entries the demo turns on when none is chosen (declared in the registry).
+DEMO_ENTRIES = demo_names()
 
 #: The memory hog grows until the guard stops it; the guard's task limit is
 #: well below the worker's memory limit, so the nanny never has to step in.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
+
+from catalog._config import GLOBAL_DEFAULTS
+from catalog._registry import builtin_names, entry_module
 
 __all__ = ["config_reference", "options_table"]
 
@@ -14,7 +16,7 @@ def _cell(text: str) -> str:
 
 def options_table(name: str) -> str:
     """The Markdown options table of entry ``name``: one row per option."""
-    entry = importlib.import_module(f"catalog.{name}").dask_setup.entry
+    entry = entry_module(name).dask_setup.entry
     rows = [
         "| option | CLI flag | Python | config key / env var | default | accepts |",
         "|---|---|---|---|---|---|",
@@ -42,16 +44,13 @@ def options_table(name: str) -> str:
 
 def config_reference() -> str:
     """Every config key of the catalog, for docs/reference/config.md."""
-    import catalog
-    from catalog._config import GLOBAL_DEFAULTS
-
     parts = ["| key | default |", "|---|---|"]
     parts += [
         f"| `catalog.{key}` | `{_cell(json.dumps(value))}` |"
         for key, value in GLOBAL_DEFAULTS.items()
     ]
-    for module in catalog.entry_modules():
-        entry = module.dask_setup.entry
+    for name in builtin_names():
+        entry = entry_module(name).dask_setup.entry
         for opt in entry.options:
             default = _cell(json.dumps(opt.default))
             parts.append(f"| `{entry.config_key(opt)}` | `{default}` |")
