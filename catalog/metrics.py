@@ -775,12 +775,15 @@ class _WorkerCollector:
 class _SchedulerPrefix:
     """Plain per-prefix counts of the scheduler, written by its event loop."""
 
-    __slots__ = ("error", "success", "wait")
+    __slots__ = ("compute", "error", "success", "wait")
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.success = 0
         self.error = 0
         self.wait = _prom.Histogram(buckets)
+        #: Compute times as the scheduler hears of them, for the dashboard
+        #: page (not a family: the workers export theirs).
+        self.compute = _prom.Histogram(buckets)
 
 
 class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
@@ -855,13 +858,14 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
                 stats.success += 1
             else:
                 stats.error += 1
-            if ready is None:
-                return
             for startstop in kwargs.get("startstops") or ():
                 if startstop["action"] == "compute":
-                    ws = self._workers.get(kwargs.get("worker"))
-                    offset = ws.time_delay if ws is not None else 0.0
-                    stats.wait.observe(max(0.0, startstop["start"] + offset - ready))
+                    start = startstop["start"]
+                    stats.compute.observe(max(0.0, startstop["stop"] - start))
+                    if ready is not None:
+                        ws = self._workers.get(kwargs.get("worker"))
+                        offset = ws.time_delay if ws is not None else 0.0
+                        stats.wait.observe(max(0.0, start + offset - ready))
                     break
         except Exception as exc:
             self.report_error("transition", exc)
@@ -873,14 +877,14 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
         """Per prefix label: ``{"success", "error", "wait": H, "compute": H}``.
 
         ``H`` is ``{"bounds", "counts" (per bucket, the last above every
-        bound), "sum", "count"}``. The scheduler half keeps no compute times
-        yet: ``compute`` is an empty histogram with the same bounds.
+        bound), "sum", "count"}``. ``compute`` is the compute time of each task
+        from the worker's report (its ``compute`` startstop), in seconds.
         """
         buckets = list(getattr(self, "_buckets", ()))
 
-        def plain(h: _prom.Histogram | None) -> dict[str, Any]:
-            counts = list(h.counts) if h is not None else [0] * (len(buckets) + 1)
-            total = h.sum if h is not None else 0.0
+        def plain(h: _prom.Histogram) -> dict[str, Any]:
+            counts = list(h.counts)
+            total = h.sum
             return {
                 "bounds": buckets,
                 "counts": counts,
@@ -893,7 +897,7 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
                 "success": st.success,
                 "error": st.error,
                 "wait": plain(st.wait),
-                "compute": plain(None),
+                "compute": plain(st.compute),
             }
             for label, st in dict(getattr(self, "_stats", {})).items()
         }

@@ -951,3 +951,25 @@ async def test_prefix_buckets_keeps_the_same_families_with_every_bucket(c, s, a)
         == 5
     )
     assert value(on, "dask_catalog_task_duration_seconds_count", prefix="inc") == 5
+
+
+def nap(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_scheduler_snapshot_has_wait_and_compute_times(c, s, a):
+    """The dashboard's data: every task in both histograms, compute from the
+    worker's report (each nap sleeps 50 ms)."""
+    await c.register_plugin(SchedulerMetrics())
+    futures = c.map(nap, [0.05] * 5, key=[f"nap-{i}" for i in range(5)])
+    assert await c.gather(futures) == [0.05] * 5
+    (plugin,) = [p for p in s.plugins.values() if isinstance(p, SchedulerMetrics)]
+    snap = plugin.snapshot()["nap"]
+    assert (snap["success"], snap["error"]) == (5, 0)
+    for h in (snap["wait"], snap["compute"]):
+        assert h["count"] == sum(h["counts"]) == 5
+        assert len(h["counts"]) == len(h["bounds"]) + 1
+    assert 0.25 <= snap["compute"]["sum"] < 5
+    json.dumps(plugin.snapshot())
