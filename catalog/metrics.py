@@ -860,12 +860,12 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
                 stats.error += 1
             for startstop in kwargs.get("startstops") or ():
                 if startstop["action"] == "compute":
-                    start = startstop["start"]
-                    stats.compute.observe(max(0.0, startstop["stop"] - start))
+                    began = startstop["start"]
+                    stats.compute.observe(max(0.0, startstop["stop"] - began))
                     if ready is not None:
                         ws = self._workers.get(kwargs.get("worker"))
                         offset = ws.time_delay if ws is not None else 0.0
-                        stats.wait.observe(max(0.0, start + offset - ready))
+                        stats.wait.observe(max(0.0, began + offset - ready))
                     break
         except Exception as exc:
             self.report_error("transition", exc)
