@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import site
 import subprocess
 import textwrap
@@ -82,37 +83,16 @@ def test_facade_public_names_derive_from_the_registry():
 
 # -- a third-party entry, in a package of its own ------------------------------
 
-ENTRY_SOURCE = '''
-"""A third-party catalog entry: counts the tasks a worker finished."""
-
-from __future__ import annotations
-
-from catalog.entry import Entry, Integer, Option, WorkerEntryPlugin, entry_preload
-
-__all__ = ["ENTRY", "Counter", "dask_setup", "dask_teardown"]
-
-ENTRY = Entry(
-    name="counter",
-    summary="counts finished tasks",
-    runs_on={"worker": "counts tasks that reach memory"},
-    options=[Option("start", Integer(0), 0, "the count to start from")],
-)
+WRITING_AN_ENTRY = Path(__file__).resolve().parent.parent / "docs/writing-an-entry.md"
 
 
-class Counter(WorkerEntryPlugin):
-    entry = ENTRY
-
-    def on_setup(self, server):
-        self.count = self.settings.start
-        server.catalog_counter = self
-
-    def transition(self, key, start, finish, **kwargs):
-        if finish == "memory":
-            self.count += 1
-
-
-dask_setup, dask_teardown = entry_preload(ENTRY, worker=Counter)
-'''
+def docs_example() -> tuple[str, str]:
+    """The entry module and the pyproject.toml that docs/writing-an-entry.md shows."""
+    text = WRITING_AN_ENTRY.read_text()
+    module = re.search(r"```python\n(.*?)```", text, re.DOTALL)
+    pyproject = re.search(r"```toml\n(.*?)```", text, re.DOTALL)
+    assert module and pyproject, "the page lost its example"
+    return module.group(1), pyproject.group(1)
 
 
 def make_package(root: Path, name: str, entries: dict[str, str], files: dict) -> Path:
@@ -148,7 +128,8 @@ def make_package(root: Path, name: str, entries: dict[str, str], files: dict) ->
 def third_party_venv(tmp_path_factory) -> Path:
     """A venv over the test venv with two packages registering catalog entries.
 
-    ``catalog_counter`` adds a working entry ``counter``; ``catalog_bad`` adds
+    ``catalog-counter`` (the example of docs/writing-an-entry.md) adds a working
+    entry ``counter``; ``catalog_bad`` adds
     one whose module fails to import (``broken``) and one that clashes with the
     built-in ``tracer``.
     """
@@ -163,12 +144,14 @@ def third_party_venv(tmp_path_factory) -> Path:
     (site_packages(python) / "test-venv.pth").write_text(
         "".join(f"import site; site.addsitedir({d!r})\n" for d in site_dirs)
     )
-    good = make_package(
-        root,
-        "catalog-counter",
-        {"counter": "catalog_counter.entry"},
-        {"__init__.py": "", "entry.py": ENTRY_SOURCE},
-    )
+    # The package of docs/writing-an-entry.md, exactly as the page shows it
+    # (its declared dependency on dask-catalog is met by the test venv).
+    module, pyproject = docs_example()
+    good = root / "catalog-counter"
+    (good / "catalog_counter").mkdir(parents=True)
+    (good / "catalog_counter" / "__init__.py").write_text("")
+    (good / "catalog_counter" / "entry.py").write_text(module)
+    (good / "pyproject.toml").write_text(pyproject)
     bad = make_package(
         root,
         "catalog-bad",
