@@ -282,7 +282,10 @@ async def test_sampled_and_short_tasks_are_each_counted_exactly_once(c, s, a):
     assert counts == {"grow": 2, "nap": 20}
     stats = await report(c)
     assert (stats["grow"]["count"], stats["nap"]["count"]) == (2, 20)
-    assert stats["grow"]["max"] >= 40 * MiB  # sampled while growing to 50 MiB
+    # Sampled while growing to 50 MiB. The peak is RSS growth, and the
+    # allocator may hand back pages an earlier test already made resident (a
+    # CI run saw 37.3 MiB against a 40 MiB bound): the bound says "sampled".
+    assert stats["grow"]["max"] >= 20 * MiB
 
 
 @gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
