@@ -137,3 +137,14 @@ def total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str)
 
 def file_size(path: Path) -> int:
     return os.path.getsize(path) if path.exists() else 0
+
+
+def collected(families: Any, name: str, label: str) -> dict[str, float]:
+    """``{label value: sample value}`` of the samples ``name`` that a server's
+    catalog families (``catalog._prom.Families``) yield at scrape time."""
+    return {
+        sample.labels[label]: sample.value
+        for metric in families.collect()
+        for sample in metric.samples
+        if sample.name == name
+    }

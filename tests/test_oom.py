@@ -19,6 +19,7 @@ from catalog import _prom
 from catalog.entry import OptionError
 from catalog.oom import EVENT_TOPIC, OOMKilledWorker, OOMReporter, dask_setup
 from tests.procs import by_value
+from tests.reliability import collected
 
 MiB = 2**20
 
@@ -120,12 +121,7 @@ async def test_a_kill_names_the_running_task_and_counts_it(c, s, a):
         # distributed's rule applies by default: the task is not failed.
         await release.set()
         assert await future == "done"
-        samples = {
-            sample.labels["prefix"]: sample.value
-            for m in fam.collect()
-            for sample in m.samples
-            if sample.name == "dask_catalog_oom_kills_total"
-        }
+        samples = collected(fam, "dask_catalog_oom_kills_total", "prefix")
         assert samples == {"block": 1}
     finally:
         _prom.detach(s)

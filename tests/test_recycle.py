@@ -19,6 +19,7 @@ from catalog import _prom, recycle
 from catalog.entry import OptionError
 from catalog.recycle import EVENT_TOPIC, Recycler, SchedulerRecycler, dask_setup
 from tests.procs import by_value
+from tests.reliability import collected
 
 MiB = 2**20
 
@@ -150,12 +151,7 @@ async def test_max_tasks_retires_without_a_nanny_and_keeps_results(
         assert await c.gather(futures) == [1, 2, 3, 4]
         with open(path) as f:
             assert sorted(f.read().split()) == ["0", "1", "2", "3"]
-        samples = {
-            sample.labels["reason"]: sample.value
-            for m in fam.collect()
-            for sample in m.samples
-            if sample.name == "dask_catalog_worker_recycled_total"
-        }
+        samples = collected(fam, "dask_catalog_worker_recycled_total", "reason")
         assert samples == {"max-tasks": 1}
     finally:
         _prom.detach(s)
