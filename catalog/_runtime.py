@@ -397,6 +397,9 @@ class Firing:
     #: The last :meth:`fire` found the previous interrupt still pending (the
     #: thread sits in C code) and left it in place: nothing new was raised.
     kept_pending: bool = False
+    #: :meth:`claim_first_report` has said yes.
+    reported: bool = False
+    _report_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fire(
         self,
@@ -440,6 +443,24 @@ class Firing:
         self.count += 1
         self.at = time.monotonic()
         return True
+
+    def claim_first_report(self) -> bool:
+        """True once, to the first caller after an interrupt was delivered.
+
+        The first delivery is reported (logged, counted) by whichever comes
+        first: the checker thread that fired it, or the task's leaving
+        transition on the event loop. The exception can fail the task, and the
+        client hear of it, before the checker thread gets to its bookkeeping;
+        the transition runs before the worker tells the scheduler, so a client
+        that saw the failure also sees it counted.
+        """
+        if self.count == 0:
+            return False
+        with self._report_lock:
+            if self.reported:
+                return False
+            self.reported = True
+            return True
 
     def due(self, grace: float, attempts: int) -> str | None:
         """``"fire"``, ``"escalate"`` (once) or None (waiting out ``grace``)."""

@@ -634,11 +634,15 @@ class MemoryGuard(WorkerEntryPlugin):
             if rec is None:
                 peak, prefix, failed = growth, prefix_of(key), False
             else:
-                if rec.firing is not None and rec.firing.settle() and rec.fired is None:
-                    rec.fired = rec.wanted  # it was raised after all
+                delivered = False
+                if rec.firing is not None:
+                    rec.firing.settle()  # raised after all, though withdrawn
+                    if rec.firing.claim_first_report():
+                        self._report_first(worker, state, rec)
+                    delivered = rec.firing.count > 0
                 shared = shared or rec.shared
                 peak = int(rec.peak) if shared else max(int(rec.peak), growth)
-                prefix, failed = rec.prefix, rec.fired is not None
+                prefix, failed = rec.prefix, delivered
             state.recent[key] = peak
             if len(state.recent) > RECENT_TASKS:
                 state.recent.popitem(last=False)
@@ -753,22 +757,32 @@ class MemoryGuard(WorkerEntryPlugin):
             return
         if rec.firing.kept_pending:
             return  # the last one has not landed yet (C code): nothing new to say
+        if rec.firing.count == 1:
+            if rec.firing.claim_first_report():
+                self._report_first(worker, state, rec)
+            return
+        text = (
+            f"task {rec.key!r} is still running after TaskMemoryLimitExceeded: "
+            f"raising it again (attempt {rec.firing.count} of "
+            f"{self.settings.interrupt_attempts})"
+        )
+        figures = {"rss": state.last_rss or 0, "attempt": rec.firing.count}
+        self._act(worker, "refire", rec, rec.wanted_limit, figures, text)
+
+    def _report_first(self, worker: Any, state: _State, rec: _Running) -> None:
+        """The first TaskMemoryLimitExceeded landed: log, count and tell, once.
+
+        From the sampler thread that fired it, or from the task's leaving
+        transition when that came first (see ``Firing.claim_first_report``).
+        """
+        assert rec.wanted is not None
         rss = state.last_rss or 0
-        if rec.fired is None:
-            rec.fired = rec.wanted
-            rec.fired_rss = rss
-            rec.fired_sample = state.sample
-            text = rec.message + " (failing it)"
-            action = rec.wanted
-        else:
-            text = (
-                f"task {rec.key!r} is still running after TaskMemoryLimitExceeded: "
-                f"raising it again (attempt {rec.firing.count} of "
-                f"{self.settings.interrupt_attempts})"
-            )
-            action = "refire"
-        figures = {"rss": rss, "attempt": rec.firing.count}
-        self._act(worker, action, rec, rec.wanted_limit, figures, text)
+        rec.fired = rec.wanted
+        rec.fired_rss = rss
+        rec.fired_sample = state.sample
+        figures = {"rss": rss, "attempt": 1}
+        text = rec.message + " (failing it)"
+        self._act(worker, rec.wanted, rec, rec.wanted_limit, figures, text)
 
     def _escalate(self, worker: Any, state: _State, rec: _Running) -> None:
         """A failed task survived every interrupt (or never stood at a safe point).
@@ -859,6 +873,14 @@ class MemoryGuard(WorkerEntryPlugin):
         figures: dict[str, int],
         message: str,
     ) -> None:
+        fam = families_for(worker)
+        if fam is not None:  # first: a slow log handler must not delay the count
+            label = fam.prefix(rec.prefix) if rec is not None else ""
+            fam.counter(
+                "memory_actions",
+                "Actions of the memory guard (failed tasks, pauses, warnings)",
+                ["action", "prefix"],
+            ).labels(action, label).inc()
         logger.warning("%s", message)
         event: dict[str, Any] = {
             "action": action,
@@ -874,14 +896,6 @@ class MemoryGuard(WorkerEntryPlugin):
                 shared=rec.shared,
             )
         log_worker_event(worker, TOPIC, event)
-        fam = families_for(worker)
-        if fam is not None:
-            label = fam.prefix(rec.prefix) if rec is not None else ""
-            fam.counter(
-                "memory_actions",
-                "Actions of the memory guard (failed tasks, pauses, warnings)",
-                ["action", "prefix"],
-            ).labels(action, label).inc()
 
     # -- host memory ------------------------------------------------------------
     def _check_host(self, worker: Any, state: _State) -> None:

@@ -218,9 +218,8 @@ class Watchdog(WorkerEntryPlugin):
         elif finish not in RUNNING_STATES:
             record = self._tasks.pop(key, None)
             if record is not None and record.firing is not None:
-                if record.firing.settle() and record.firing.count == 1:
-                    self.timeouts += 1  # it failed the task after all
-                    self._count("watchdog_timeouts", self.TIMEOUTS_DOC, prefix_of(key))
+                record.firing.settle()  # raised after all, though withdrawn
+                self._count_timeout(record.firing, key)
                 # A fired task that finished by itself (inside C code) must not
                 # pass its undelivered exception on to the thread's next task.
                 record.firing.cancel(self.worker)
@@ -352,9 +351,9 @@ class Watchdog(WorkerEntryPlugin):
         info["attempt"] = firing.count
         if firing.count == 1:
             record.fired_at = now()
-            self.timeouts += 1
+            self._count_timeout(firing, key)
             what = "timed out after"
-            action, counter, doc = "timeout", "watchdog_timeouts", self.TIMEOUTS_DOC
+            action, counter, doc = "timeout", None, ""
         else:
             self.refires += 1
             what = "is still running, interrupted again, after"
@@ -452,9 +451,16 @@ class Watchdog(WorkerEntryPlugin):
         )
         self._emit("warning", info, "watchdog_warnings", "Slow-task warnings logged.")
 
-    def _emit(self, action: str, info: dict, counter: str, doc: str) -> None:
+    def _count_timeout(self, firing: Firing, key: Any) -> None:
+        """Count a delivered timeout once, from whichever thread comes first."""
+        if firing.claim_first_report():
+            self.timeouts += 1
+            self._count("watchdog_timeouts", self.TIMEOUTS_DOC, prefix_of(key))
+
+    def _emit(self, action: str, info: dict, counter: str | None, doc: str) -> None:
         log_worker_event(self.worker, EVENT_TOPIC, {"action": action, **info})
-        self._count(counter, doc, info["prefix"])
+        if counter is not None:
+            self._count(counter, doc, info["prefix"])
 
     def _count(self, counter: str, doc: str, prefix: str) -> None:
         fam = families_for(self.worker)

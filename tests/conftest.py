@@ -43,3 +43,26 @@ def tls_files(tmp_path_factory) -> SimpleNamespace:
         pem.write_to_path(files.cert, append=i > 0)
     issued.private_key_and_cert_chain_pem.write_to_path(files.combined)
     return files
+
+
+@pytest.fixture
+def slow_interrupter(monkeypatch) -> None:
+    """The thread that delivers an interrupt pauses half a second right after.
+
+    The task fails, and its client hears of it, while that thread has not yet
+    done its bookkeeping: what the client sees must already be counted.
+    """
+    import threading
+    import time
+
+    from catalog._runtime import Firing
+
+    fire = Firing.fire
+
+    def fire_then_pause(self, *args, **kwargs):
+        delivered = fire(self, *args, **kwargs)
+        if delivered and threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        return delivered
+
+    monkeypatch.setattr(Firing, "fire", fire_then_pause)

@@ -31,6 +31,7 @@ from catalog.memory import (
     split_growth,
 )
 from tests.procs import LOOPBACK, REPO_ENV, local_cluster, worker_command
+from tests.reliability import collected
 from tests.test_metrics import scrape_of, value
 
 MiB = 2**20
@@ -286,6 +287,28 @@ async def test_sampled_and_short_tasks_are_each_counted_exactly_once(c, s, a):
     # allocator may hand back pages an earlier test already made resident (a
     # CI run saw 37.3 MiB against a 40 MiB bound): the bound says "sampled".
     assert stats["grow"]["max"] >= 20 * MiB
+
+
+@gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])
+async def test_failed_task_is_counted_when_the_client_sees_it(
+    c, s, a, slow_interrupter
+):
+    # The sampler thread pauses right after raising: the task's leaving
+    # transition reports the failure, and the sampler does not report it again.
+    fam = Families("dask_catalog", {"worker": a.address}, max_prefixes=10)
+    _prom.attach(a, fam)
+    try:
+        await c.register_plugin(MemoryGuard(task_limit="50MiB", interval="20ms"))
+        with captured_logger("catalog.memory") as log:
+            with pytest.raises(TaskMemoryLimitExceeded):
+                await c.submit(grow, 10, 60, 0.01, key="hog-1")
+            seen = collected(fam, "dask_catalog_memory_actions_total", "action")
+            await asyncio.sleep(0.8)  # the sampler's pause is over
+            later = collected(fam, "dask_catalog_memory_actions_total", "action")
+    finally:
+        _prom.detach(a)
+    assert seen == later == {"task-limit": 1}
+    assert log.getvalue().count("exceeded its memory limit") == 1
 
 
 @gen_cluster(client=True, nthreads=[(LOOPBACK, 1)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pickle
@@ -327,6 +328,24 @@ async def test_metrics_counters(c, s, a):
         samples = counter_totals(fam)
     assert samples[("dask_catalog_watchdog_timeouts_total", "spin_for")] == 1
     assert samples[("dask_catalog_watchdog_warnings_total", "spin_for")] >= 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_timeout_is_counted_when_the_client_sees_it(c, s, a, slow_interrupter):
+    # The checker thread pauses right after raising: the task's leaving
+    # transition counts the timeout, and the checker does not count it again.
+    with metrics_active(a) as fam:
+        await c.register_plugin(
+            Watchdog(warn_after=None, fail_after="200ms", interval="50ms")
+        )
+        with pytest.raises(TaskTimeoutError):
+            await c.submit(spin_for, 60, "m")
+        seen = counter_totals(fam)
+        await asyncio.sleep(0.8)  # the checker's pause is over
+        later = counter_totals(fam)
+    timeouts = ("dask_catalog_watchdog_timeouts_total", "spin_for")
+    assert seen[timeouts] == later[timeouts] == 1
+    assert a.plugins["catalog.watchdog"].status()["timeouts"] == 1
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
