@@ -112,6 +112,7 @@ def test_entry_shape():
         "buckets",
         "max-prefixes",
         "prefix-buckets",
+        "fine-metrics",
         "port",
         "host",
         "port-certfile",
