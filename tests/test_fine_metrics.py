@@ -429,3 +429,49 @@ def test_cli_scheduler_exports_them(procs):
     )
     check_with_promtool(text)
     assert "Failed to start preload" not in sched.output
+
+
+def docs_queries() -> list[str]:
+    """The PromQL queries of the section (a line, plus lines indented under it)."""
+    page = (DOCS / "entries" / "metrics.md").read_text()
+    section = page.split("### Fine performance metrics", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```promql\n(.*?)```", section, re.DOTALL)
+    queries: list[str] = []
+    for line in block.splitlines():
+        if line.startswith(" ") and queries:
+            queries[-1] += "\n" + line
+        elif line.strip() and not line.startswith("#"):
+            queries.append(line)
+    return queries
+
+
+def test_docs_queries_are_valid_promql_on_real_families(tmp_path):
+    queries = docs_queries()
+    assert len(queries) >= 4
+    families = {
+        family_of(group, unit, {})[0]
+        for group in STEMS
+        for unit in ("seconds", "bytes", "count")
+    }
+    for query in queries:
+        assert metric_names(query) and metric_names(query) <= families, query
+    rules = {
+        "groups": [
+            {
+                "name": "docs",
+                "rules": [
+                    {"record": f"docs:query{i}", "expr": q}
+                    for i, q in enumerate(queries)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    check = subprocess.run(
+        [require_binary("promtool"), "check", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
