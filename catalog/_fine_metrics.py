@@ -15,12 +15,18 @@ if TYPE_CHECKING:
     # platform: needs Families in catalog.entry (the type add_collector hands over)
     from catalog._prom import Families
 
-__all__ = ["GROUPS", "MAX_NAMES", "FineMetrics", "install", "uninstall"]
+__all__ = ["GROUPS", "MAX_NAMES", "MAX_PARSED", "FineMetrics", "install", "uninstall"]
 
 #: Distinct values of ``activity``, ``where``, ``context`` and ``unit`` each before
 #: ``"other"``: distributed names a dozen, but task code can add its own with
 #: ``context_meter.digest_metric``.
 MAX_NAMES = 100
+
+#: Keys whose series are remembered between scrapes (about 200 B each); past it,
+#: further keys are worked out at every scrape.
+MAX_PARSED = 50_000
+
+_UNSEEN = object()
 
 #: Units with a family of their own (``_seconds_total``, ``_bytes_total``); any
 #: other unit (``count``, a task's own) goes to the family with a ``unit`` label.
@@ -131,6 +137,8 @@ class FineMetrics:
             kind: _Capped(MAX_NAMES)
             for kind in ("activity", "where", "context", "unit")
         }
+        #: (span or None, distributed's key) -> its (group, unit) and labels.
+        self._parsed: dict[tuple[str | None, Hashable], Any] = {}
         # Scrapes come from the event loop (dashboard) and from the exporter's
         # threads (standalone port, pusher): one at a time assigns labels.
         self._lock = threading.Lock()
@@ -153,12 +161,10 @@ class FineMetrics:
             (group, unit): {} for group in GROUPS for unit in (*_UNITS, "")
         }
         with self._lock:
-            for key, value in metrics.items():
-                self._add(totals, fam, key, value, None)
+            self._fold(totals, fam, None, metrics)
             for span in spans:
                 name = self._spans("/".join(map(_text, span.name)))
-                for key, value in dict(span._cumulative_worker_metrics).items():
-                    self._add(totals, fam, key, value, name)
+                self._fold(totals, fam, name, dict(span._cumulative_worker_metrics))
         out: list[Metric] = []
         for (group, unit), series in totals.items():
             stem, labels, what, key = GROUPS[group]
@@ -174,34 +180,52 @@ class FineMetrics:
             out.append(family)
         return out
 
-    def _add(
+    def _fold(
         self,
         totals: dict[tuple[str, str], dict[tuple[str, ...], float]],
         fam: Families,
-        key: Hashable,
-        value: float,
         span: str | None,
+        metrics: dict[Hashable, float],
     ) -> None:
-        """Fold one accumulator into its series (``span``: a span's own metrics)."""
+        """Add ``metrics`` (``span``'s own, or the scheduler's) to their series."""
+        parsed = self._parsed
+        for key, value in metrics.items():
+            # The same keys come back at every scrape (and in span after span):
+            # their series, once worked out, stay the same.
+            cached = (span, key)
+            found = parsed.get(cached, _UNSEEN)
+            if found is _UNSEEN:
+                found = self._series_of(fam, span, key)
+                if len(parsed) < MAX_PARSED:
+                    parsed[cached] = found
+            if found is not None:
+                series = totals[found[0]]
+                series[found[1]] = series.get(found[1], 0) + value
+
+    def _series_of(
+        self, fam: Families, span: str | None, key: Hashable
+    ) -> tuple[tuple[str, str], tuple[str, ...]] | None:
+        """The (group, unit) and label values of one key, None if not exported."""
         # String keys (latency, tick-duration, transfer-bandwidth...) are sums of
         # other digests, not fine performance metrics.
         if not isinstance(key, tuple) or len(key) < 3:
-            return
+            return None
         context, unit = key[0], _text(key[-1])
+        labels: tuple[str, ...]
         if context == _EXECUTE or context == _P2P:
             if len(key) < 4:
-                return
+                return None
             scope, activity = _text(key[1]), self._names["activity"](_text(key[2:-1]))
             if context == _EXECUTE:
-                labels: tuple[str, ...] = (
-                    (span, activity) if span else (fam.prefix(scope), activity)
+                labels = (
+                    (fam.prefix(scope), activity) if span is None else (span, activity)
                 )
             else:
                 where = self._names["where"](scope)
-                labels = (span, where, activity) if span else (where, activity)
-            group = f"span_{context}" if span else context
-        elif span:
-            return  # the spans extension has no other contexts
+                labels = (where, activity) if span is None else (span, where, activity)
+            group = context if span is None else f"span_{context}"
+        elif span is not None:
+            return None  # the spans extension keeps no other contexts
         else:
             group = _WORKER
             labels = (
@@ -211,8 +235,7 @@ class FineMetrics:
         if unit not in _UNITS:
             labels = (*labels, self._names["unit"](unit))
             unit = ""
-        series = totals[group, unit]
-        series[labels] = series.get(labels, 0) + value
+        return (group, unit), labels
 
 
 def install(plugin: Any, scheduler: Any) -> FineMetrics | None:
