@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from catalog.entry import OTHER, add_collector, remove_collector
+from catalog.entry import OTHER, add_collector, bounded, remove_collector
 
 if TYPE_CHECKING:
     # platform: needs Families in catalog.entry (the type add_collector hands over)
@@ -99,9 +99,7 @@ class _Capped:
         self.seen: set[str] = set()
 
     def __call__(self, value: str) -> str:
-        if value in self.seen:
-            return value
-        if len(self.seen) >= self.cap:
+        if not bounded(self.seen, value, self.cap):
             return OTHER
         self.seen.add(value)
         return value
