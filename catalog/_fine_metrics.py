@@ -22,9 +22,9 @@ __all__ = ["GROUPS", "MAX_NAMES", "MAX_PARSED", "FineMetrics", "install", "unins
 #: ``context_meter.digest_metric``.
 MAX_NAMES = 100
 
-#: Keys whose series are remembered between scrapes (about 200 B each); past it,
-#: further keys are worked out at every scrape.
-MAX_PARSED = 50_000
+#: Keys whose series are remembered between scrapes (about 300 B each, so 6 MB
+#: at most); past it, further keys are worked out again at every scrape.
+MAX_PARSED = 20_000
 
 _UNSEEN = object()
 
