@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, push_to_gateway
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from catalog import _prom
+from catalog import _fine_metrics, _prom
 from catalog._entry import (
     Entry,
     Option,
@@ -204,6 +204,13 @@ ENTRY = Entry(
             "Keep every histogram bucket per task prefix (task_duration_seconds, "
             "task_output_bytes, task_peak_memory_bytes, scheduler_task_wait_seconds); "
             "off: those families are summaries, a count and a sum per prefix.",
+        ),
+        Option(
+            "fine-metrics",
+            Boolean(),
+            True,
+            "On the scheduler, also export distributed's fine performance metrics "
+            "(time and bytes by task prefix, span and activity).",
         ),
         Option(
             "port",
@@ -822,10 +829,12 @@ class SchedulerMetrics(_MetricsBase, SchedulerEntryPlugin):
         self._prefix = self._start_families(scheduler, {}).prefix
         self._collector = _SchedulerCollector(self)
         _prom.add_collector(scheduler, self._collector)
+        self._fine = _fine_metrics.install(self, scheduler)
         self._start_export(scheduler)
 
     def on_teardown(self, scheduler: Any) -> None:
         self._stop_families(scheduler)
+        _fine_metrics.uninstall(scheduler, getattr(self, "_fine", None))
         self._ready = {}
 
     @guards_itself

@@ -112,6 +112,7 @@ def test_entry_shape():
         "buckets",
         "max-prefixes",
         "prefix-buckets",
+        "fine-metrics",
         "port",
         "host",
         "port-certfile",
@@ -599,7 +600,7 @@ def test_prometheus_server_scrapes_the_worker(procs, tmp_path):
     # and the per-prefix throughput panel has data once two scrapes are in.
     dashboard = json.loads((DOCS / "assets" / "grafana-dashboard.json").read_text())
     variables = {"$__rate_interval": "1m", "$__range": "1h"}
-    variables |= {"$prefix": ".*", "$worker": ".*"}
+    variables |= {"$prefix": ".*", "$worker": ".*", "$span": ".*"}
 
     def ask(expr: str) -> dict:
         for name, text in variables.items():
