@@ -19,7 +19,7 @@ from distributed.utils import key_split_group
 from distributed.utils_test import gen_cluster
 
 import catalog
-from catalog.entry import EntrySetupError, OptionError
+from catalog.entry import OptionError
 from tests.procs import by_value
 
 pytest.importorskip("opentelemetry.sdk.trace")
@@ -413,10 +413,6 @@ def test_without_the_extra_strict_setup_refuses():
     )
     assert "REFUSED" in result.stdout, result.stdout + result.stderr
     assert 'pip install "dask-catalog[otel]"' in result.stdout
-
-
-def test_setup_error_type_is_the_platforms():
-    assert issubclass(EntrySetupError, RuntimeError)
 
 
 # -- status and metrics ------------------------------------------------------------
