@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import atexit
-import functools
-import hashlib
 import logging
-import os
-import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
 import click
 import dask
 
+from catalog._otel import (
+    ANNOTATION,
+    EXTRA,
+    Pipeline,
+    PipelineCollector,
+    key_text,
+    load_sdk,
+    missing_extra,
+    ns,
+    parent_of,
+    quiet,
+    span_attributes,
+    task_ids,
+)
 from catalog._version import __version__
 from catalog.entry import (
     Entry,
@@ -36,7 +44,6 @@ from catalog.entry import (
     bounded,
     entry_preload,
     guards_itself,
-    mask_text,
     prefix_of,
     remove_collector,
     server_running,
@@ -56,10 +63,6 @@ __all__ = [
 
 logger = logging.getLogger("catalog.otel")
 
-#: What to install when the OpenTelemetry packages are missing.
-EXTRA = 'pip install "dask-catalog[otel]"'
-#: The annotation that carries a W3C trace context to the tasks.
-ANNOTATION = "traceparent"
 #: Worker states a task computes in, and the states a computed task ends in.
 RUNNING = frozenset({"executing", "long-running", "resumed"})
 FINISHED = frozenset({"memory", "error"})
@@ -68,32 +71,8 @@ WAITS = frozenset({"waiting", "queued", "no-worker"})
 #: Tasks the scheduler half follows through their waits at most; later ones
 #: get no scheduler spans (counted as dropped).
 MAX_WAITING = 1_000_000
-#: Spans per OTLP request, and seconds between the drain thread's rounds.
-BATCH = 512
-INTERVAL = 0.5
-#: Seconds teardown waits for the last spans to leave before giving up on them.
-FLUSH_TIMEOUT = 2.0
 #: Characters of an error's text kept as the span's status description.
 MAX_ERROR_TEXT = 1000
-
-
-def _missing_extra() -> str | None:
-    """Why the entry cannot run in this process, or None when it can."""
-    try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter
-        import opentelemetry.sdk.trace  # noqa: F401
-    except ImportError as exc:
-        return (
-            f"catalog entry 'otel' needs the OpenTelemetry SDK and OTLP exporter, "
-            f"which are not installed ({exc}): {EXTRA}"
-        )
-    return None
-
-
-def _require() -> None:
-    problem = _missing_extra()
-    if problem is not None:
-        raise ImportError(problem)
 
 
 class _OtelEntry(Entry):
@@ -106,7 +85,7 @@ class _OtelEntry(Entry):
     # platform: needs an Entry "requires an extra" hook in catalog.entry
     def check_command_line(self, params: Any) -> None:
         super().check_command_line(params)
-        problem = _missing_extra()
+        problem = missing_extra()
         if problem is not None:
             raise click.UsageError(problem)
 
@@ -213,402 +192,6 @@ ENTRY = _OtelEntry(
     ],
 )
 
-
-# ---------------------------------------------------------------------------
-# The SDK, imported when an entry sets up
-# ---------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _sdk() -> SimpleNamespace:
-    """The OpenTelemetry names the entry uses, imported on first use only."""
-    _require()
-    from opentelemetry import context as otel_context
-    from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter,
-    )
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExportResult
-    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-    from opentelemetry.trace.propagation.tracecontext import (
-        TraceContextTextMapPropagator,
-    )
-    from opentelemetry.trace.status import Status, StatusCode
-
-    class Ids(RandomIdGenerator):
-        """Random ids, except those the drain thread sets for the next span.
-
-        A task's span id (and, without a client context, its trace id) is
-        derived from its key and run id, so the scheduler half can parent its
-        spans to a span a worker creates, without any message between them.
-        """
-
-        def __init__(self) -> None:
-            self.trace_id: int | None = None
-            self.span_id: int | None = None
-
-        def generate_trace_id(self) -> int:
-            value, self.trace_id = self.trace_id, None
-            return value if value is not None else super().generate_trace_id()
-
-        def generate_span_id(self) -> int:
-            value, self.span_id = self.span_id, None
-            return value if value is not None else super().generate_span_id()
-
-    class Collect(SpanProcessor):
-        """Hands every ended span to the pipeline's bounded export queue."""
-
-        def __init__(self, pipeline: _Pipeline) -> None:
-            self.pipeline = pipeline
-
-        def on_end(self, span: Any) -> None:
-            self.pipeline.offer_span(span)
-
-    return SimpleNamespace(
-        context=otel_context,
-        trace=trace,
-        Exporter=OTLPSpanExporter,
-        Resource=Resource,
-        TracerProvider=TracerProvider,
-        SUCCESS=SpanExportResult.SUCCESS,
-        ParentBased=ParentBased,
-        TraceIdRatioBased=TraceIdRatioBased,
-        NonRecordingSpan=NonRecordingSpan,
-        SpanContext=SpanContext,
-        TraceFlags=TraceFlags,
-        propagator=TraceContextTextMapPropagator(),
-        Status=Status,
-        ERROR=StatusCode.ERROR,
-        Ids=Ids,
-        Collect=Collect,
-    )
-
-
-def _ns(seconds: float) -> int:
-    return int(seconds * 1e9)
-
-
-def _key_text(key: Any) -> str:
-    return key if isinstance(key, str) else str(key)
-
-
-def _task_ids(key: str, run_id: Any, trace_id: int | None) -> tuple[int, int]:
-    """The (trace id, span id) of one run of a task: the same in every process."""
-    digest = hashlib.blake2b(f"{run_id}\0{key}".encode(), digest_size=24).digest()
-    span_id = int.from_bytes(digest[:8], "big") or 1
-    if trace_id is None:
-        trace_id = int.from_bytes(digest[8:], "big") or 1
-    return trace_id, span_id
-
-
-@functools.lru_cache(maxsize=4096)
-def _parent(value: Any) -> Any:
-    """The SpanContext a ``traceparent`` annotation names, or None."""
-    if not isinstance(value, str):
-        return None
-    sdk = _sdk()
-    ctx = sdk.propagator.extract({ANNOTATION: value})
-    parent = sdk.trace.get_current_span(ctx).get_span_context()
-    return parent if parent.is_valid else None
-
-
-def _span_attributes(annotations: Any) -> dict[str, Any]:
-    """Dask's own ``span()`` names of a task, as attributes."""
-    found = annotations.get("span") if isinstance(annotations, dict) else None
-    if not isinstance(found, dict):
-        return {}
-    out: dict[str, Any] = {}
-    names = found.get("name")
-    if names:
-        out["dask.span.name"] = [str(n) for n in names]
-    ids = found.get("ids")
-    if ids:
-        out["dask.span.id"] = str(ids[-1])
-    return out
-
-
-# ---------------------------------------------------------------------------
-# The pipeline: a bounded queue, a drain thread, the SDK's OTLP exporter
-# ---------------------------------------------------------------------------
-
-
-class _Pipeline:
-    """Turns queued records into spans and exports them, on its own thread.
-
-    The event loop only appends plain tuples to ``records`` (while it holds
-    fewer than ``cap``); the drain thread builds the spans with the SDK's
-    tracer (sampler, ids, limits) and posts them with the SDK's OTLP/HTTP
-    exporter. A slow or down collector blocks only this thread: records past
-    ``cap`` are dropped and counted, never waited for.
-    """
-
-    def __init__(
-        self,
-        settings: Any,
-        role: str,
-        address: str,
-        convert: Callable[[Any], None],
-        while_running: Callable[[], bool] = lambda: True,
-        name: str = "",
-    ) -> None:
-        sdk = _sdk()
-        self.settings = settings
-        self.role = role
-        self.cap = settings.max_queue
-        self.records: deque[Any] = deque()
-        self.spans: deque[Any] = deque()
-        self.dropped = 0  # records, counted by the event loop only
-        self.dropped_spans = 0  # finished spans past the queue (client threads)
-        self.exported = 0
-        self.failed = 0
-        self.last_error: str | None = None
-        self._convert = convert
-        self._while_running = while_running
-        headers = dict(h.split("=", 1) for h in settings.headers) or None
-        self.exporter = sdk.Exporter(endpoint=settings.endpoint, headers=headers)
-        self.endpoint = str(getattr(self.exporter, "_endpoint", settings.endpoint))
-        sampler = (
-            sdk.ParentBased(sdk.TraceIdRatioBased(settings.sampling_ratio))
-            if settings.sampling_ratio is not None
-            else None  # the SDK reads OTEL_TRACES_SAMPLER(_ARG)
-        )
-        self.ids = sdk.Ids()
-        self.provider = sdk.TracerProvider(
-            sampler=sampler,
-            resource=_resource(settings, role, address, name),
-            shutdown_on_exit=False,
-            id_generator=self.ids,
-        )
-        self.provider.add_span_processor(sdk.Collect(self))
-        self.sampler = self.provider.sampler
-        self.tracer = self.provider.get_tracer("catalog.otel", __version__)
-        self._stop = threading.Event()
-        self._abandon = False
-        # A client's pipeline runs its thread only while spans wait: nothing
-        # outlives the client's work (it ends the spans, they go, it stops).
-        self._on_demand = role == "client"
-        self._lock = threading.Lock()
-        self._running = False
-        self._thread = threading.Thread()
-        if not self._on_demand:
-            self._wake()
-
-    def _wake(self) -> None:
-        with self._lock:
-            if not self._running:
-                self._running = True
-                self._thread = threading.Thread(
-                    target=self._run, name=f"catalog.otel-{self.role}", daemon=True
-                )
-                self._thread.start()
-
-    # -- queueing ------------------------------------------------------------
-    def offer_span(self, span: Any) -> None:
-        if len(self.spans) < self.cap * 4:
-            self.spans.append(span)
-            if self._on_demand:
-                self._wake()
-        else:
-            self.dropped_spans += 1
-
-    @property
-    def queued(self) -> int:
-        return len(self.records) + len(self.spans)
-
-    # -- the drain thread ----------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            stopping = self._stop.wait(INTERVAL) or not self._while_running()
-            try:
-                self._drain()
-            except Exception as exc:  # the thread never dies
-                self.last_error = mask_text(f"{type(exc).__name__}: {exc}")
-            if stopping:
-                break
-            if self._on_demand:
-                with self._lock:
-                    if not self.records and not self.spans:
-                        self._running = False
-                        return
-        with self._lock:
-            self._running = False
-
-    def _drain(self) -> None:
-        records, spans = self.records, self.spans
-        while records or spans:
-            if self._abandon:
-                self.failed += len(spans)
-                self.dropped += len(records)
-                spans.clear()
-                records.clear()
-                return
-            for _ in range(min(len(records), BATCH)):
-                record = records.popleft()
-                try:
-                    self._convert(record)
-                except Exception as exc:
-                    self.last_error = mask_text(
-                        f"building spans: {type(exc).__name__}: {exc}"
-                    )
-            while spans and not self._abandon:
-                batch = [spans.popleft() for _ in range(min(len(spans), BATCH))]
-                self._export(batch)
-
-    def _export(self, batch: list[Any]) -> None:
-        try:
-            ok = self.exporter.export(batch) == _sdk().SUCCESS
-            error = "the collector refused or could not be reached"
-        except Exception as exc:
-            ok, error = False, f"{type(exc).__name__}: {exc}"
-        if ok:
-            if self.last_error is not None and self.failed:
-                logger.info("catalog.otel: exporting to %s again", self.endpoint)
-            self.exported += len(batch)
-            self.last_error = None
-            return
-        if self.failed == 0:
-            logger.warning(
-                "catalog.otel: could not export %d spans to %s (%s); spans are "
-                "counted as failed from now on (dask catalog status)",
-                len(batch),
-                self.endpoint,
-                error,
-            )
-        self.failed += len(batch)
-        self.last_error = mask_text(f"export to {self.endpoint}: {error}")
-
-    def close(self) -> None:
-        """Export what is queued within ``FLUSH_TIMEOUT``; drop the rest."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(FLUSH_TIMEOUT)
-        self._abandon = True
-        self.exporter.shutdown()  # ends a retry's back-off wait at once
-        if self._thread.is_alive():
-            self._thread.join(FLUSH_TIMEOUT)
-
-    def counts(self) -> dict[str, Any]:
-        return {
-            "endpoint": mask_text(self.endpoint),
-            "queued": self.queued,
-            "dropped": self.dropped + self.dropped_spans,
-            "exported": self.exported,
-            "failed": self.failed,
-            "last_export_error": self.last_error,
-        }
-
-
-def _resource(settings: Any, role: str, address: str, name: str) -> Any:
-    """Resource attributes of one process: who exports, and which versions."""
-    import distributed
-
-    sdk = _sdk()
-    attributes: dict[str, Any] = {
-        "dask.role": role,
-        "service.instance.id": address or f"{role}-{os.getpid()}",
-        "process.pid": os.getpid(),
-        "host.name": socket.gethostname(),
-        "dask.version": dask.__version__,
-        "distributed.version": distributed.__version__,
-        "catalog.version": __version__,
-    }
-    if address:
-        attributes[f"dask.{role}.address"] = address
-    if name:
-        attributes[f"dask.{role}.name"] = name
-    if settings.service_name:
-        attributes["service.name"] = settings.service_name
-    resource = sdk.Resource.create(attributes)
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(sdk.Resource({"service.name": "dask"}))
-    return resource
-
-
-class _Collector:
-    """Scrape-time counts of one pipeline, served through the metrics entry."""
-
-    def __init__(self, plugin: Any) -> None:
-        self.plugin = plugin
-
-    def collect(self, fam: Any) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        pipeline = getattr(self.plugin, "pipeline", None)
-        if pipeline is None:
-            return
-        names, values = list(fam.labels), list(fam.labels.values())
-        for kind, name, doc, value in (
-            (
-                CounterMetricFamily,
-                "spans_exported",
-                "Spans the collector accepted.",
-                pipeline.exported,
-            ),
-            (
-                CounterMetricFamily,
-                "spans_failed",
-                "Spans lost to failed exports (collector down or refusing).",
-                pipeline.failed,
-            ),
-            (
-                CounterMetricFamily,
-                "dropped",
-                "Tasks (and client spans) dropped because the export queue was full.",
-                pipeline.dropped + pipeline.dropped_spans,
-            ),
-            (
-                GaugeMetricFamily,
-                "queued",
-                "Tasks and spans waiting for export.",
-                pipeline.queued,
-            ),
-        ):
-            family = kind(f"{fam.namespace}_otel_{name}", doc, labels=names)
-            family.add_metric(values, value)
-            yield family
-
-
-# ---------------------------------------------------------------------------
-# Quiet SDK logs while a pipeline reports for itself
-# ---------------------------------------------------------------------------
-
-
-class _Quiet(logging.Filter):
-    """Drops the exporter's per-batch retry and failure lines.
-
-    With a collector down they would come every few seconds for as long as it
-    stays down; the pipeline logs one WARNING instead and counts the rest.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.CRITICAL
-
-
-_QUIET = _Quiet()
-_QUIET_LOGGERS = (
-    "opentelemetry.exporter.otlp.common.http",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-)
-_QUIET_USERS = 0
-_QUIET_LOCK = threading.Lock()
-
-
-def _quiet(on: bool) -> None:
-    global _QUIET_USERS
-    with _QUIET_LOCK:
-        _QUIET_USERS += 1 if on else -1
-        for name in _QUIET_LOGGERS:
-            log = logging.getLogger(name)
-            if _QUIET_USERS > 0 and _QUIET not in log.filters:
-                log.addFilter(_QUIET)
-            elif _QUIET_USERS <= 0:
-                log.removeFilter(_QUIET)
-
-
 # ---------------------------------------------------------------------------
 # Plugins
 # ---------------------------------------------------------------------------
@@ -620,11 +203,11 @@ class _Exporting:
     settings: Any
     server: Any
     role: str
-    pipeline: _Pipeline | None = None
+    pipeline: Pipeline | None = None
 
     def _start(self, server: Any) -> None:
-        _sdk()  # the extra's absence fails setup here, naming the extra
-        self.pipeline = _Pipeline(
+        load_sdk()  # the extra's absence fails setup here, naming the extra
+        self.pipeline = Pipeline(
             self.settings,
             self.role,
             address_of(server) if getattr(server, "address", None) else "",
@@ -634,9 +217,9 @@ class _Exporting:
         )
         self._records = self.pipeline.records
         self._cap = self.settings.max_queue
-        self._collector: _Collector | None = _Collector(self)
+        self._collector: PipelineCollector | None = PipelineCollector(self)
         add_collector(server, self._collector)
-        _quiet(True)
+        quiet(True)
 
     def _stop(self, server: Any) -> None:
         collector = getattr(self, "_collector", None)
@@ -647,7 +230,7 @@ class _Exporting:
         if pipeline is not None:
             self.pipeline = None
             pipeline.close()
-            _quiet(False)
+            quiet(False)
             counts = pipeline.counts()
             logger.info(
                 "catalog.otel on %s: exported %d spans, %d failed, %d dropped",
@@ -680,7 +263,7 @@ class _Exporting:
     def _sampled(self, parent: Any, trace_id: int, name: str) -> bool:
         """Whether the worker's sampler keeps the task span of this trace."""
         assert self.pipeline is not None
-        sdk = _sdk()
+        sdk = load_sdk()
         ctx = (
             sdk.trace.set_span_in_context(sdk.NonRecordingSpan(parent))
             if parent is not None
@@ -771,10 +354,10 @@ class OpenTelemetry(_Exporting, WorkerEntryPlugin):
         if not phases:
             return
         assert self.pipeline is not None
-        sdk, tracer, ids = _sdk(), self.pipeline.tracer, self.pipeline.ids
-        text, prefix = _key_text(key), prefix_of(key)
-        parent = _parent(annotations.get(ANNOTATION)) if annotations else None
-        ids.trace_id, ids.span_id = _task_ids(
+        sdk, tracer, ids = load_sdk(), self.pipeline.tracer, self.pipeline.ids
+        text, prefix = key_text(key), prefix_of(key)
+        parent = parent_of(annotations.get(ANNOTATION)) if annotations else None
+        ids.trace_id, ids.span_id = task_ids(
             text, run_id, parent.trace_id if parent is not None else None
         )
         attributes: dict[str, Any] = {
@@ -784,7 +367,7 @@ class OpenTelemetry(_Exporting, WorkerEntryPlugin):
             "dask.worker": self._address,
             "dask.outcome": finish,
             "dask.run_id": run_id,
-            **_span_attributes(annotations),
+            **span_attributes(annotations),
         }
         if nbytes is not None:
             attributes["dask.nbytes"] = nbytes
@@ -799,7 +382,7 @@ class OpenTelemetry(_Exporting, WorkerEntryPlugin):
             prefix,
             context=context,
             attributes=attributes,
-            start_time=_ns(min(ss["start"] for ss in phases)),
+            start_time=ns(min(ss["start"] for ss in phases)),
         )
         ids.trace_id = ids.span_id = None
         if finish == "error":
@@ -814,10 +397,10 @@ class OpenTelemetry(_Exporting, WorkerEntryPlugin):
                 action,
                 context=inside,
                 attributes=phase_attributes,
-                start_time=_ns(ss["start"]),
+                start_time=ns(ss["start"]),
             )
-            phase.end(end_time=_ns(ss["stop"]))
-        task.end(end_time=_ns(max(ss["stop"] for ss in phases)))
+            phase.end(end_time=ns(ss["stop"]))
+        task.end(end_time=ns(max(ss["stop"] for ss in phases)))
 
 
 class SchedulerOpenTelemetry(_Exporting, SchedulerEntryPlugin):
@@ -907,10 +490,10 @@ class SchedulerOpenTelemetry(_Exporting, SchedulerEntryPlugin):
         worker: str | None,
     ) -> None:
         assert self.pipeline is not None
-        sdk, tracer = _sdk(), self.pipeline.tracer
-        text, prefix = _key_text(key), prefix_of(key)
-        parent = _parent(annotations.get(ANNOTATION)) if annotations else None
-        trace_id, span_id = _task_ids(
+        sdk, tracer = load_sdk(), self.pipeline.tracer
+        text, prefix = key_text(key), prefix_of(key)
+        parent = parent_of(annotations.get(ANNOTATION)) if annotations else None
+        trace_id, span_id = task_ids(
             text, run_id, parent.trace_id if parent is not None else None
         )
         flags = sdk.TraceFlags(
@@ -927,14 +510,14 @@ class SchedulerOpenTelemetry(_Exporting, SchedulerEntryPlugin):
                 "dask.group": group,
                 "dask.state": state,
                 "dask.run_id": run_id,
-                **_span_attributes(annotations),
+                **span_attributes(annotations),
             }
             if worker:
                 attributes["dask.worker"] = worker
             stint = tracer.start_span(
-                state, context=inside, attributes=attributes, start_time=_ns(begin)
+                state, context=inside, attributes=attributes, start_time=ns(begin)
             )
-            stint.end(end_time=_ns(end))
+            stint.end(end_time=ns(end))
 
 
 class _ClientContext(EntryPlugin):
@@ -973,7 +556,7 @@ def traceparent() -> str | None:
     if not context.is_valid:
         return None
     carrier: dict[str, str] = {}
-    _sdk().propagator.inject(carrier)
+    load_sdk().propagator.inject(carrier)
     return carrier.get(ANNOTATION)
 
 
@@ -1004,7 +587,7 @@ def propagate(on: bool = True) -> None:
     """
     global _ORIGINAL_ANNOTATIONS, _PROPAGATING
     if on:
-        _sdk()
+        load_sdk()
     with _PROPAGATE_LOCK:
         if on:
             _PROPAGATING += 1
@@ -1018,7 +601,7 @@ def propagate(on: bool = True) -> None:
                 _ORIGINAL_ANNOTATIONS = None
 
 
-_CLIENT_PIPELINE: _Pipeline | None = None
+_CLIENT_PIPELINE: Pipeline | None = None
 _CLIENT_LOCK = threading.Lock()
 
 
@@ -1029,20 +612,21 @@ def _client_tracer() -> Any:
     OTEL_* variables), from a thread of its own, flushed at exit.
     """
     global _CLIENT_PIPELINE
-    sdk = _sdk()
+    sdk = load_sdk()
     provider = sdk.trace.get_tracer_provider()
     if isinstance(provider, sdk.TracerProvider):
         return provider.get_tracer("catalog.otel", __version__)
     settings = ENTRY.resolve({})
     with _CLIENT_LOCK:
-        old = _CLIENT_PIPELINE
-        if old is None or old.settings != settings:
+        pipeline = old = _CLIENT_PIPELINE
+        if pipeline is None or pipeline.settings != settings:
             # Config changed since the last span (a new endpoint): a new exporter.
-            _CLIENT_PIPELINE = _Pipeline(settings, "client", "", lambda record: None)
-            atexit.register(_CLIENT_PIPELINE.close)
+            pipeline = Pipeline(settings, "client", "", lambda record: None)
+            _CLIENT_PIPELINE = pipeline
+            atexit.register(pipeline.close)
             if old is not None:
                 threading.Thread(target=old.close, daemon=True).start()
-        return _CLIENT_PIPELINE.tracer
+        return pipeline.tracer
 
 
 @contextmanager
@@ -1065,6 +649,6 @@ def span(name: str, **attributes: Any) -> Iterator[Any]:
     """
     with _client_tracer().start_as_current_span(name, attributes=attributes) as s:
         carrier: dict[str, str] = {}
-        _sdk().propagator.inject(carrier)
+        load_sdk().propagator.inject(carrier)
         with dask.annotate(**{ANNOTATION: carrier[ANNOTATION]}):
             yield s
