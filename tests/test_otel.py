@@ -293,6 +293,59 @@ def test_user_span_and_traceparent_annotation(receiver):
     )
 
 
+def test_client_preload_registers_the_cluster_and_propagates(receiver):
+    from distributed import Client
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("user")
+    original = dask.get_annotations
+
+    @gen_cluster(client=False)
+    async def run(s, a, b):
+        config = {
+            "distributed.client.preload": ["catalog.otel"],
+            "catalog.otel.endpoint": receiver.endpoint,
+        }
+        with dask.config.set(config):
+            async with Client(s.address, asynchronous=True) as c:
+                assert dask.get_annotations is not original
+                with tracer.start_as_current_span("preloaded") as user:
+                    await c.submit(inc, 1, key="pre-1")
+                await wait_for(
+                    lambda: (
+                        any(sp["name"] == "pre" for sp in receiver.spans())
+                        and any(sp["name"] == "waiting" for sp in receiver.spans())
+                    )
+                )
+        assert dask.get_annotations is original, "teardown restores it"
+        return user.get_span_context()
+
+    user = run()
+    task = next(sp for sp in receiver.spans() if sp["name"] == "pre")
+    assert task["parent"] == f"{user.span_id:016x}"
+    assert task["trace_id"] == f"{user.trace_id:032x}"
+
+
+def test_otel_variables_apply_where_options_are_not_set(receiver, monkeypatch):
+    monkeypatch.setenv(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint + "/v1/traces"
+    )
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-env=1,x-both=env")
+
+    @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+    async def run(c, s, a):
+        await c.register_plugin(catalog.OpenTelemetry(headers=["x-both=option"]))
+        await c.submit(inc, 1, key="env-1")
+        await wait_for(lambda: any(sp["name"] == "env" for sp in receiver.spans()))
+
+    run()
+    task = next(sp for sp in receiver.spans() if sp["name"] == "env")
+    assert task["resource"]["service.name"] == "from-env"
+    headers = {k.lower(): v for k, v in receiver.headers[0].items()}
+    assert headers["x-env"] == "1" and headers["x-both"] == "option"
+
+
 def test_sampling_ratio_zero_sends_nothing_and_a_sampled_parent_wins(receiver):
     @gen_cluster(client=True)
     async def run(c, s, a, b):
