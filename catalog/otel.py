@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import click
 import dask
+from distributed.utils import key_split_group
 
 from catalog._otel import (
     ANNOTATION,
@@ -343,8 +344,6 @@ class OpenTelemetry(_Exporting, WorkerEntryPlugin):
 
     def _convert(self, record: Any) -> None:
         """The task's span and its phases' spans (on the drain thread)."""
-        from distributed.utils import key_split_group
-
         key, run_id, startstops, annotations, nbytes, thread, finish, error = record
         phases = [
             ss
