@@ -229,8 +229,8 @@ class _Exporting:
             self._collector = None
         pipeline = self.pipeline
         if pipeline is not None:
+            pipeline.close()  # its last drain still builds spans through self
             self.pipeline = None
-            pipeline.close()
             quiet(False)
             counts = pipeline.counts()
             logger.info(

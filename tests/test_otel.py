@@ -232,6 +232,17 @@ def test_every_task_arrives_once_with_its_parent(receiver, monkeypatch, compress
     assert alone["parent"] == "" and alone["trace_id"] != f"{root.trace_id:032x}"
 
 
+def test_teardown_exports_what_is_queued(receiver):
+    @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+    async def run(c, s, a):
+        await c.register_plugin(catalog.OpenTelemetry(endpoint=receiver.endpoint))
+        await c.gather(c.map(inc, range(10), key=[f"last-{i}" for i in range(10)]))
+        # the cluster closes now, before the drain thread's next round
+
+    run()
+    assert sum(1 for sp in receiver.spans() if sp["name"] == "last") == 10
+
+
 def test_errors_transfers_and_dask_spans_become_attributes(receiver):
     from distributed import span as dask_span
 
