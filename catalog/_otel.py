@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -48,6 +49,8 @@ BATCH = 512
 INTERVAL = 0.5
 #: Seconds teardown waits for the last spans to leave before giving up on them.
 FLUSH_TIMEOUT = 2.0
+#: Seconds an export may take at teardown before the collector counts as down.
+SLOW_EXPORT = 0.5
 
 
 def missing_extra() -> str | None:
@@ -244,6 +247,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._abandon = False
         self._closed = False
+        self._exporting_since: float | None = None
         # A client's pipeline runs its thread only while spans wait: nothing
         # outlives the client's work (it ends the spans, they go, it stops).
         self._on_demand = role == "client"
@@ -315,11 +319,14 @@ class Pipeline:
                 self._export(batch)
 
     def _export(self, batch: list[Any]) -> None:
+        self._exporting_since = time.monotonic()
         try:
             ok = self.exporter.export(batch) == load_sdk().SUCCESS
             error = "the collector refused or could not be reached"
         except Exception as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
+        finally:
+            self._exporting_since = None
         if ok:
             if self.last_error is not None and self.failed:
                 logger.info("catalog.otel: exporting to %s again", self.endpoint)
@@ -343,8 +350,14 @@ class Pipeline:
             return
         self._closed = True
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(FLUSH_TIMEOUT)
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._thread.join(0.05)
+            since = self._exporting_since
+            if since is not None and time.monotonic() - since > SLOW_EXPORT:
+                # A request this slow is the exporter retrying a collector that
+                # is down: a server's close does not wait out its back-off.
+                break
         self._abandon = True
         self.exporter.shutdown()  # ends a retry's back-off wait at once
         if self._thread.is_alive():

@@ -233,7 +233,9 @@ class _Exporting:
             self.pipeline = None
             quiet(False)
             counts = pipeline.counts()
-            logger.info(
+            moved = counts["exported"] or counts["failed"] or counts["dropped"]
+            logger.log(
+                logging.INFO if moved else logging.DEBUG,
                 "catalog.otel on %s: exported %d spans, %d failed, %d dropped",
                 self.role,
                 counts["exported"],
