@@ -20,7 +20,7 @@ from typing import Any
 
 import dask
 
-from catalog._version import __version__
+from catalog._version import __version__  # platform: needs __version__ in catalog.entry
 from catalog.entry import mask_text
 
 __all__ = [

@@ -29,7 +29,7 @@ from catalog._otel import (
     span_attributes,
     task_ids,
 )
-from catalog._version import __version__
+from catalog._version import __version__  # platform: needs __version__ in catalog.entry
 from catalog.entry import (
     Entry,
     EntryPlugin,
