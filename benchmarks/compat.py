@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = REPO.parent / "shared" / "upstream" / "distributed-tests"
 ENTRIES = [
     *("env", "logging", "metrics", "tracer", "memory", "watchdog", "events"),
-    *("recycle", "oom", "dashboard"),
+    *("recycle", "oom", "dashboard", "otel"),
 ]
 BAD = {"failed", "error"}
 RERUNS = 3

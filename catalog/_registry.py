@@ -69,6 +69,7 @@ BUILTIN: tuple[Builtin, ...] = (
     Builtin("recycle", ("Recycler", "SchedulerRecycler")),
     Builtin("oom", ("OOMReporter",)),
     Builtin("dashboard", ("Dashboard", "WorkerDashboard")),
+    Builtin("otel", ("OpenTelemetry", "SchedulerOpenTelemetry")),
 )
 
 
