@@ -87,6 +87,16 @@ async def test_page_and_data_from_the_scheduler_alone(c, s, a, b):
     assert set(got["workers"]) == {a.address, b.address}
     for info in got["workers"].values():
         assert {"dashboard", "memory"} <= set(info["entries"])
+        assert "memory" not in info  # the peaks are merged into "prefixes"
+    # Alike workers' settings are sent once, by reference.
+    refs = {
+        name: {info["entries"][name]["settings"] for info in got["workers"].values()}
+        for name in ("dashboard", "memory")
+    }
+    assert all(len(ref) == 1 for ref in refs.values()), refs
+    (memory_ref,) = refs["memory"]
+    interval = catalog.MemoryGuard().settings.interval
+    assert got["settings"][memory_ref]["interval"] == interval
     assert any(e["event"] == "graph-submitted" for e in got["events"])
     assert got["trace"]["available"] is False
 
@@ -195,18 +205,19 @@ def test_the_page_in_chromium_escapes_hostile_keys(procs, tmp_path):
     )
     dashboard = sched.wait_for(r"dashboard at:\s+http://[\d.]+:(\d+)")
     port = int(dashboard.group(1))
-    procs.worker(
-        address,
-        "--nthreads",
-        "2",
-        "--preload",
-        "catalog",
-        "--enable",
-        "dashboard,watchdog,memory",
-        "--watchdog-warn-after",
-        "500ms",
-        env=REPO_ENV,
-    )
+    for _ in range(2):  # two alike workers: one row per entry on the page
+        procs.worker(
+            address,
+            "--nthreads",
+            "2",
+            "--preload",
+            "catalog",
+            "--enable",
+            "dashboard,watchdog,memory",
+            "--watchdog-warn-after",
+            "500ms",
+            env=REPO_ENV,
+        )
     url = f"http://127.0.0.1:{port}/dask/catalog"
     with Client(address, timeout=60) as client:
         client.gather(
@@ -216,11 +227,13 @@ def test_the_page_in_chromium_escapes_hostile_keys(procs, tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with urllib.request.urlopen(url + "/data.json") as r:
-                if json.load(r)["slow"]:
-                    break
+                got = json.load(r)
+            summaries = [w for w in got["workers"].values() if "entries" in w]
+            if got["slow"] and len(summaries) == 2:
+                break
             time.sleep(0.5)
         else:
-            raise AssertionError("the slow task never reached data.json")
+            raise AssertionError("the slow task or a summary never reached data.json")
         result = chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
         shot = tmp_path / "dashboard.png"
         chromium(
@@ -242,6 +255,7 @@ def test_the_page_in_chromium_escapes_hostile_keys(procs, tmp_path):
     assert "hostile_inc" in dom or "script&gt;document" in dom
     assert "dashboard,watchdog" not in dom  # settings shown per entry, not argv
     assert "watchdog" in dom and "warn_after=0.5" in dom
+    assert dom.count("2 workers: tcp://127.0.0.1:") == 3  # dashboard, watchdog, memory
     assert "updated " in dom
     assert shot.exists() and shot.stat().st_size > 10_000
     if os.environ.get("CATALOG_UPDATE_SCREENSHOT"):

@@ -190,6 +190,12 @@ async def test_warns_with_stack_then_times_out(c, s, a):
         with pytest.raises(TaskTimeoutError, match=r"ran longer than 1\.00 s"):
             await c.submit(spin_for, 60, "long")
         assert time.monotonic() - start < 30
+        # The checker thread logs the timeout just after it raised it: the
+        # client may hear of the error first.
+        for _ in range(200):
+            if "timed out after" in log.getvalue():
+                break
+            await asyncio.sleep(0.05)
     text = log.getvalue()
     assert "has been running for" in text
     assert "in spin_for" in text

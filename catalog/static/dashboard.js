@@ -78,17 +78,56 @@ function settings(options) {
   return Object.entries(options || {}).map(([k, v]) => k + "=" + JSON.stringify(v)).join(", ");
 }
 
-function serverRows(role, address, info) {
+function entryState(e) {
+  return e.active ? "active" : "INACTIVE";
+}
+
+function entryErrors(e) {
+  return e.errors ? e.errors + ": " + (e.last_error || "") : "";
+}
+
+function serverRows(role, address, info, table) {
   const entries = Object.entries(info.entries || {});
   if (!entries.length) {
     return [row([role + " " + address, "-", info.error ? "" : "none", info.error || "", ""])];
   }
   return entries.map(([name, e]) => {
-    const tr = row([role + " " + address, name, e.active ? "active" : "INACTIVE",
-      settings(e.options), e.errors ? e.errors + ": " + (e.last_error || "") : ""]);
+    const options = e.options || (table || {})[e.settings];
+    const tr = row([role + " " + address, name, entryState(e), settings(options), entryErrors(e)]);
     if (!e.active || e.errors) tr.className = "bad";
     return tr;
   });
+}
+
+// Workers that run an entry alike (same state, settings, no error) share one
+// row: a fleet of 100 workers is a few rows, and a worker that differs stands out.
+function workerRows(workers, table) {
+  const groups = new Map();
+  const rows = [];
+  for (const [addr, info] of Object.entries(workers)) {
+    const entries = Object.entries(info.entries || {});
+    if (!entries.length || info.error) {
+      rows.push(...serverRows("worker", addr, info, table));
+      continue;
+    }
+    for (const [name, e] of entries) {
+      if (!e.active || e.errors) {
+        const tr = row(["worker " + addr, name, entryState(e), settings(e.options || table[e.settings]), entryErrors(e)]);
+        tr.className = "bad";
+        rows.push(tr);
+        continue;
+      }
+      const id = JSON.stringify([name, e.settings || JSON.stringify(e.options || {})]);
+      if (!groups.has(id)) groups.set(id, {name, e, addrs: []});
+      groups.get(id).addrs.push(addr);
+    }
+  }
+  for (const g of groups.values()) {
+    const shown = g.addrs.slice(0, 3).join(", ") + (g.addrs.length > 3 ? ", …" : "");
+    const label = g.addrs.length === 1 ? "worker " + shown : g.addrs.length + " workers: " + shown;
+    rows.push(row([label, g.name, entryState(g.e), settings(g.e.options || table[g.e.settings]), ""]));
+  }
+  return rows;
 }
 
 function stacks(container, tasks, empty) {
@@ -114,7 +153,7 @@ function render(d) {
   trace.hidden = !(d.trace && d.trace.available);
 
   const servers = serverRows("scheduler", d.scheduler.address, d.scheduler);
-  for (const [addr, info] of Object.entries(d.workers)) servers.push(...serverRows("worker", addr, info));
+  servers.push(...workerRows(d.workers, d.settings || {}));
   fill("servers", servers);
 
   fill("prefixes", d.prefixes.map(p => {
