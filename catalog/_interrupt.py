@@ -29,6 +29,7 @@ __all__ = [
     "cancel_undelivered",
     "interrupt_options",
     "interrupt_task",
+    "is_task_runner",
     "pending",
 ]
 
@@ -160,6 +161,15 @@ def _task_call_line() -> int | None:
 
 _RUN_TASK_CODE = _worker_module._run_task_simple.__code__
 _TASK_CALL_LINE = _task_call_line()
+
+
+def is_task_runner(frame: FrameType) -> bool:
+    """Whether ``frame`` is distributed's own task runner, which calls a task.
+
+    Walking a task's stack outward, the user's code ends at this frame: what
+    lies beyond it is distributed's executor and threads.
+    """
+    return frame.f_code is _RUN_TASK_CODE
 
 
 def at_safe_point(frame: FrameType | None) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -67,6 +68,7 @@ __all__ = [
     "bounded",
     "cancel_undelivered",
     "client_call",
+    "client_then",
     "expand_path",
     "interrupt_options",
     "interrupt_task",
@@ -200,3 +202,20 @@ def client_call(
         ``func``'s result, or an awaitable of it for an asynchronous client.
     """
     return client.sync(func, *args, **kwargs)
+
+
+def client_then(value: T | Awaitable[T], func: Callable[[T], Any]) -> Any:
+    """``func(value)``, or an awaitable of it when ``value`` is one.
+
+    For the synchronous work that follows a :func:`client_call` (writing a
+    file, shaping a result): done at once for a synchronous client, after the
+    await for an asynchronous one.
+    """
+    if inspect.isawaitable(value):
+        awaitable = value
+
+        async def finish() -> Any:
+            return func(await awaitable)
+
+        return finish()
+    return func(value)  # type: ignore[arg-type]
