@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import threading
+from pathlib import Path
 
 from distributed import Client, Event
 from distributed.utils_test import gen_cluster
@@ -18,6 +20,8 @@ import catalog
 import catalog.tracer
 import catalog.watchdog
 from catalog.entry import client_call, client_then
+
+WRITING_AN_ENTRY = Path(__file__).resolve().parent.parent / "docs/writing-an-entry.md"
 
 
 def inc(x: int) -> int:
@@ -114,3 +118,27 @@ async def test_client_call_runs_on_the_loop_for_both_kinds(c, s):
     assert await client_then(client_call(c, where), lambda t: t + 1) == (
         threading.get_ident() + 1
     )
+
+
+def docs_client_snippet() -> dict:
+    """The ``counts`` example of docs/writing-an-entry.md, run as the page shows."""
+    text = WRITING_AN_ENTRY.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    (snippet,) = [b for b in blocks if "client_call" in b]
+    namespace: dict = {}
+    exec(compile(snippet, str(WRITING_AN_ENTRY), "exec"), namespace)
+    return namespace
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_the_docs_client_function_awaits_with_an_async_client(c, s, a):
+    counts = docs_client_snippet()["counts"]
+    assert await counts(c) == {}
+
+
+def test_the_docs_client_function_answers_with_a_sync_client():
+    counts = docs_client_snippet()["counts"]
+    with Client(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as client:
+        assert counts(client) == {}
