@@ -15,6 +15,7 @@ import dask.config
 from catalog._config import ENTRY_NAMES, unknown_keys
 from catalog._options import OptionType
 from catalog._secrets import MASK, mask
+from catalog._text import comma_items
 
 __all__ = [
     "Entry",
@@ -265,11 +266,5 @@ def entry_names(values: Iterable[str], known: Sequence[str], source: str) -> lis
 
 
 def iter_entries(names: Iterable[str]) -> list[str]:
-    """Split repeatable, comma-separated entry lists."""
-    out = []
-    for item in names:
-        for name in str(item).split(","):
-            name = name.strip()
-            if name and name not in out:
-                out.append(name)
-    return out
+    """Split repeatable, comma-separated entry lists (each name once, in order)."""
+    return list(dict.fromkeys(comma_items(names)))

@@ -82,6 +82,7 @@ from catalog._runtime import (
 )
 from catalog._secrets import mask, mask_text
 from catalog._status import local_status
+from catalog._text import comma_items
 from catalog._version import __version__
 
 __all__ = [
@@ -123,6 +124,7 @@ __all__ = [
     "bounded",
     "client_call",
     "client_then",
+    "comma_items",
     "entry_preload",
     "expand_path",
     "families_for",

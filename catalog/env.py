@@ -17,6 +17,7 @@ from catalog.entry import (
     ENV_NAME,
     Entry,
     EntryPlugin,
+    Integer,
     NameValue,
     NannyEntryPlugin,
     Option,
@@ -72,20 +73,9 @@ class Threads(OptionType):
     nullable = True
 
     def parse(self, value: Any) -> int | str:
-        if isinstance(value, bool) or (
-            isinstance(value, float) and not value.is_integer()
-        ):
-            raise ValueError("not a whole number")
-        if isinstance(value, str):
-            text = value.strip()
-            if text.lower() == "auto":
-                return "auto"
-            number = int(text)
-        else:
-            number = int(value)
-        if number < 1:
-            raise ValueError("must be >= 1")
-        return number
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return Integer(1).parse(value)
 
 
 class EnvFile(OptionType):

@@ -137,3 +137,14 @@ def test_entry_api_all_names_exist_and_are_sorted():
         "__version__",
     ):
         assert name in names
+
+
+def test_comma_items_splits_repeatable_lists():
+    assert catalog.entry.comma_items(["a,b", " c ", "", "d,,e"]) == [
+        "a",
+        "b",
+        "c",
+        "d",
+        "e",
+    ]
+    assert catalog.entry.comma_items([]) == []
