@@ -8,7 +8,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import dask.config
 from distributed import Client, Nanny, Scheduler, Worker
@@ -26,6 +26,7 @@ __all__ = [
     "address_of",
     "guards_itself",
     "now",
+    "plugin_on",
     "role_of",
 ]
 
@@ -349,6 +350,22 @@ class NannyEntryPlugin(EntryPlugin, NannyPlugin):
 
     def teardown(self, nanny: Any) -> None:
         self._teardown(nanny)
+
+
+P = TypeVar("P", bound="EntryPlugin")
+
+
+def plugin_on(server: Any, entry: Entry, cls: type[P]) -> P | None:
+    """``entry``'s plugin on ``server`` when it is a ``cls`` and active, else None.
+
+    For functions that ``client.run`` calls on every server: a server without
+    the entry, with another plugin under its name, or whose setup failed gives
+    None.
+    """
+    plugin = getattr(server, "plugins", {}).get(entry.plugin_name)
+    if isinstance(plugin, cls) and plugin.active:
+        return plugin
+    return None
 
 
 def now() -> float:

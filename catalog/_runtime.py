@@ -17,8 +17,6 @@ from typing import Any, TypeVar
 
 from dask.utils import key_split
 
-# Re-exported for code written against catalog._runtime before the split; new
-# code imports catalog.entry (entries) or the concern's module (machinery).
 from catalog._files import (
     FOLLOW_SYMLINKS_KEY,
     MAX_BACKUPS,
@@ -54,11 +52,16 @@ from catalog._interrupt import (
     pending,
 )
 
+# Re-exported for code written against catalog._runtime before the split; new
+# code imports catalog.entry (entries) or the concern's module (machinery).
+from catalog._prom import families_for
+
 __all__ = [
     "FOLLOW_SYMLINKS_KEY",
     "MAX_BACKUPS",
     "MAX_BUFFERED_LINES",
     "RETRY_INTERVAL",
+    "RUNNING_STATES",
     "UNKNOWN_PREFIX",
     "Firing",
     "JsonLinesFile",
@@ -69,6 +72,7 @@ __all__ = [
     "cancel_undelivered",
     "client_call",
     "client_then",
+    "count",
     "expand_path",
     "interrupt_options",
     "interrupt_task",
@@ -172,6 +176,30 @@ def run_soon(server: Any, func: Callable[..., Any], *args: Any) -> None:
 def log_worker_event(worker: Any, topic: str, msg: dict[str, Any]) -> None:
     """``worker.log_event`` from any thread (it must run on the event loop)."""
     run_soon(worker, worker.log_event, topic, msg)
+
+
+# ---------------------------------------------------------------------------
+# Counting beside the metrics entry
+# ---------------------------------------------------------------------------
+
+#: Worker task states in which the task's code is (or may still be) running.
+RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
+
+
+def count(server: Any, name: str, doc: str, amount: float = 1, **labels: str) -> None:
+    """Add ``amount`` to counter ``name`` of ``server`` if metrics is active there.
+
+    ``labels`` name the counter's own labels in order (the server's are added);
+    a non-empty ``prefix`` label goes through the cap on distinct prefixes
+    (``Families.prefix``), so a stream of task prefixes cannot grow it.
+    """
+    fam = families_for(server)
+    if fam is None:
+        return
+    if labels.get("prefix"):
+        labels["prefix"] = fam.prefix(labels["prefix"])
+    counter = fam.counter(name, doc, list(labels))
+    (counter.labels(*labels.values()) if labels else counter).inc(amount)
 
 
 # ---------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from catalog._plugin import (
     address_of,
     guards_itself,
     now,
+    plugin_on,
     role_of,
 )
 from catalog._prom import (
@@ -72,9 +73,11 @@ from catalog._prom import (
     remove_collector,
 )
 from catalog._runtime import (
+    RUNNING_STATES,
     bounded,
     client_call,
     client_then,
+    count,
     log_worker_event,
     prefix_of,
     run_soon,
@@ -90,6 +93,7 @@ __all__ = [
     "MAX_BACKUPS",
     "OTHER",
     "RETRY_INTERVAL",
+    "RUNNING_STATES",
     "Boolean",
     "Choice",
     "Collector",
@@ -125,6 +129,7 @@ __all__ = [
     "client_call",
     "client_then",
     "comma_items",
+    "count",
     "entry_preload",
     "expand_path",
     "families_for",
@@ -140,6 +145,7 @@ __all__ = [
     "now",
     "open_private",
     "pending",
+    "plugin_on",
     "prefix_of",
     "private_dir",
     "remove_collector",
