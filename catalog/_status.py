@@ -6,6 +6,7 @@ from typing import Any
 
 from dask.utils import format_bytes
 
+from catalog._runtime import client_call
 from catalog._secrets import mask, mask_text
 from catalog._text import escape_control
 
@@ -46,7 +47,7 @@ def _as_status(result: Any) -> dict:
     }
 
 
-def status(client: Any) -> dict:
+def status(client: Any) -> Any:
     """Which entries are active on the scheduler and on every worker.
 
     Returns a plain dict::
@@ -61,13 +62,20 @@ def status(client: Any) -> dict:
     ``"error"`` saying so, rather than failing the call. Secrets are masked
     (``****``): values of secret options, of secret-looking ``NAME=value`` pairs,
     and credentials inside URLs, here too for servers running an older catalog.
+
+    With ``Client(asynchronous=True)`` an awaitable of the dict is returned, as
+    distributed's own client methods do.
     """
+    return client_call(client, _status, client)
+
+
+async def _status(client: Any) -> dict:
     try:
-        scheduler = _as_status(client.run_on_scheduler(local_status))
+        scheduler = _as_status(await client.run_on_scheduler(local_status))
     except Exception as exc:  # a scheduler without the catalog
         scheduler = _as_status(exc)
     scheduler["address"] = client.scheduler.address
-    workers = client.run(local_status, on_error="return")
+    workers = await client.run(local_status, on_error="return")
     out = {
         "scheduler": scheduler,
         "workers": {
@@ -75,7 +83,7 @@ def status(client: Any) -> dict:
         },
     }
     try:
-        nannies = client.run(local_status, nanny=True, on_error="return")
+        nannies = await client.run(local_status, nanny=True, on_error="return")
     except Exception:  # no nannies at all
         nannies = {}
     out["nannies"] = {

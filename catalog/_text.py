@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Iterable
 
-__all__ = ["LOG_ESCAPE", "escape_control", "escape_log_lines"]
+__all__ = ["LOG_ESCAPE", "comma_items", "escape_control", "escape_log_lines"]
 
 #: C0 and C1 controls (newlines, ESC of terminal colours, NUL, DEL), the
 #: Unicode line and paragraph separators, and the bidirectional overrides that
@@ -20,6 +20,16 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) |
     "message",
     "asctime",
 }
+
+
+def comma_items(values: Iterable[object]) -> list[str]:
+    """The items of repeatable, comma-separated values, stripped, empty ones dropped.
+
+    ``["a,b", " c ", ""]`` gives ``["a", "b", "c"]``: how ``--enable`` and the
+    other list options are given on a command line and in config.
+    """
+    items = (item.strip() for value in values for item in str(value).split(","))
+    return [item for item in items if item]
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -23,6 +23,7 @@ from catalog.entry import (
     SchedulerEntryPlugin,
     WorkerEntryPlugin,
     entry_preload,
+    local_status,
     mask,
 )
 
@@ -106,7 +107,6 @@ def _plugin(server: Any, name: str) -> Any:
 
 
 def _entries(server: Any) -> dict[str, Any]:
-    from catalog._status import local_status  # platform: needs status in entry
 
     return mask(_plain(local_status(server)))
 

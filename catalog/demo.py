@@ -210,13 +210,13 @@ def run_demo(
         prefixes: dict[str, dict] = {}
         peaks: dict[str, dict] = {}
         if "tracer" in enable:
-            import catalog.tracer
+            from catalog.tracer import save
 
-            prefixes = catalog.tracer.save(client, paths["trace"])["prefixes"]
+            prefixes = save(client, paths["trace"])["prefixes"]
         if "memory" in enable:
-            import catalog.memory
+            from catalog.memory import report
 
-            peaks = catalog.memory.report(client)
+            peaks = report(client)
         if "metrics" in enable:
             with open(paths["metrics"], "w") as f:
                 f.write(_metrics_text(client, cluster))

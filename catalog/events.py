@@ -13,16 +13,20 @@ from typing import Any
 
 from dask.sizeof import sizeof
 
-from catalog._entry import (
+from catalog.entry import (
+    MAX_BACKUPS,
     Entry,
+    Integer,
+    JsonLinesFile,
     Option,
+    RotateSize,
     SchedulerEntryPlugin,
+    Text,
     entry_preload,
+    families_for,
     guards_itself,
+    prefix_of,
 )
-from catalog._options import Integer, RotateSize, Text
-from catalog._prom import families_for
-from catalog._runtime import MAX_BACKUPS, JsonLinesFile, prefix_of
 
 __all__ = ["ENTRY", "EVENTS", "EventLog", "dask_setup", "dask_teardown"]
 

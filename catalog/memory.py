@@ -17,14 +17,20 @@ from dask.sizeof import sizeof
 from dask.utils import format_bytes
 from distributed.core import Status
 
-from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload
-from catalog._options import Duration, Size, SizeOrFraction
-from catalog._prom import OTHER, families_for
-from catalog._runtime import (
+from catalog.entry import (
+    OTHER,
     RETRY_INTERVAL,
+    Duration,
+    Entry,
     Firing,
+    Option,
+    Size,
+    SizeOrFraction,
     TaskInterrupt,
+    WorkerEntryPlugin,
     bounded,
+    entry_preload,
+    families_for,
     interrupt_options,
     log_worker_event,
     prefix_of,

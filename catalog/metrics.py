@@ -18,21 +18,28 @@ from prometheus_client import CollectorRegistry, push_to_gateway
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from catalog import _fine_metrics, _prom
-from catalog._entry import (
+# Metrics-private helper modules, and the exposition side of _prom that only
+# the entry serving /metrics uses (see catalog.entry's docstring for the rule).
+import catalog._fine_metrics as _fine_metrics
+import catalog._prom as _prom
+from catalog._http import MetricsServer
+from catalog.entry import (
+    Boolean,
+    Duration,
     Entry,
+    FloatList,
+    Integer,
     Option,
     OptionError,
     SchedulerEntryPlugin,
+    Text,
     WorkerEntryPlugin,
     address_of,
     entry_preload,
     guards_itself,
+    mask_text,
+    prefix_of,
 )
-from catalog._http import MetricsServer
-from catalog._options import Boolean, Duration, FloatList, Integer, Text
-from catalog._runtime import prefix_of
-from catalog._secrets import mask_text
 
 __all__ = [
     "DEFAULT_BUCKETS",

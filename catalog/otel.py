@@ -29,7 +29,6 @@ from catalog._otel import (
     span_attributes,
     task_ids,
 )
-from catalog._version import __version__  # platform: needs __version__ in catalog.entry
 from catalog.entry import (
     Entry,
     EntryPlugin,
@@ -40,6 +39,7 @@ from catalog.entry import (
     SchedulerEntryPlugin,
     Text,
     WorkerEntryPlugin,
+    __version__,
     add_collector,
     address_of,
     bounded,

@@ -18,22 +18,27 @@ import click
 from distributed.scheduler import TaskStateState as _SchedulerState
 from distributed.worker_state_machine import TaskStateState as _WorkerState
 
-from catalog._entry import (
+from catalog.entry import (
+    Choice,
+    Duration,
     Entry,
+    Integer,
+    JsonLinesFile,
     Option,
     SchedulerEntryPlugin,
+    Size,
+    Text,
     WorkerEntryPlugin,
+    add_collector,
+    client_call,
+    client_then,
     entry_preload,
     guards_itself,
-)
-from catalog._options import Choice, Duration, Integer, Size, Text
-from catalog._prom import add_collector, remove_collector
-from catalog._runtime import (
-    JsonLinesFile,
     json_line,
     open_private,
     prefix_of,
     private_dir,
+    remove_collector,
     safe_filename,
     server_running,
 )
@@ -629,11 +634,13 @@ def _snapshot_scheduler(dask_scheduler: Any, clear: bool = False) -> dict | None
     return plugin.snapshot(clear=clear)
 
 
-def fetch(client: Any, clear: bool = False) -> dict[str, Any]:
+def fetch(client: Any, clear: bool = False) -> Any:
     """Gather the raw events of every traced worker and of the scheduler.
 
     Args:
-        client: a (synchronous) ``distributed.Client``.
+        client: a ``distributed.Client``; with ``Client(asynchronous=True)`` an
+            awaitable of the result is returned, as distributed's own client
+            methods do.
         clear: empty the buffers after reading them.
 
     Returns:
@@ -642,29 +649,40 @@ def fetch(client: Any, clear: bool = False) -> dict[str, Any]:
         "dropped", "events": [...]}`` and every event is a plain dict
         (``type`` ``"transition"`` or ``"span"``).
     """
-    workers = client.run(_snapshot_worker, clear=clear)
-    scheduler = client.run_on_scheduler(_snapshot_scheduler, clear=clear)
-    return {
-        "workers": {a: s for a, s in sorted(workers.items()) if s is not None},
-        "scheduler": scheduler,
-    }
+
+    async def gather() -> dict[str, Any]:
+        workers = await client.run(_snapshot_worker, clear=clear)
+        scheduler = await client.run_on_scheduler(_snapshot_scheduler, clear=clear)
+        return {
+            "workers": {a: s for a, s in sorted(workers.items()) if s is not None},
+            "scheduler": scheduler,
+        }
+
+    return client_call(client, gather)
 
 
-def save(client: Any, path: str | os.PathLike[str], clear: bool = False) -> dict:
+def save(client: Any, path: str | os.PathLike[str], clear: bool = False) -> Any:
     """Gather every buffer and write one Chrome Trace Event file at ``path``.
+
+    With ``Client(asynchronous=True)`` an awaitable of the summary is returned.
 
     Returns:
         A small summary: ``{"path", "events", "spans", "workers", "scheduler",
         "recorded", "dropped", "prefixes": {prefix: {count, total, mean, p50,
         p95, max}}}`` (seconds, compute spans).
     """
-    raw = fetch(client, clear=clear)
-    sources = list(raw["workers"].values())
-    if raw["scheduler"] is not None:
-        sources.append(raw["scheduler"])
-    trace = chrome_trace(sources)
-    _write_json(path, trace)
-    return _save_summary(os.fspath(path), sources, trace)
+
+    def write(raw: dict[str, Any]) -> dict[str, Any]:
+        sources = list(raw["workers"].values())
+        if raw["scheduler"] is not None:
+            sources.append(raw["scheduler"])
+        trace = chrome_trace(sources)
+        _write_json(path, trace)
+        return _save_summary(os.fspath(path), sources, trace)
+
+    # The file is written in the caller's thread (or after the await), never
+    # on a synchronous client's event loop.
+    return client_then(fetch(client, clear=clear), write)
 
 
 def _save_summary(path: str, sources: list[dict], trace: dict) -> dict[str, Any]:

@@ -12,17 +12,22 @@ from typing import Any
 from dask.sizeof import sizeof
 from dask.utils import format_time
 
-from catalog import _runtime
-from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload, now
-from catalog._options import Duration, Integer
-from catalog._prom import families_for
-from catalog._runtime import (
+from catalog.entry import (
     RETRY_INTERVAL,
+    Duration,
+    Entry,
     Firing,
+    Integer,
+    Option,
     TaskInterrupt,
+    WorkerEntryPlugin,
     bounded,
+    entry_preload,
+    families_for,
     interrupt_options,
+    is_task_runner,
     log_worker_event,
+    now,
     pending,
     prefix_of,
 )
@@ -131,7 +136,7 @@ def _task_frames(frame: Any, depth: int) -> list[dict[str, Any]]:
     """
     frames = []
     for f, lineno in traceback.walk_stack(frame):
-        if f.f_code is _runtime._RUN_TASK_CODE:
+        if is_task_runner(f):
             break
         frames.append((f, lineno))
     summary = traceback.StackSummary.extract(iter(frames), limit=depth)
@@ -520,14 +525,16 @@ def _running_on(dask_worker: Any) -> list[dict[str, Any]]:
     return out
 
 
-def running(client: Any) -> dict[str, list[dict[str, Any]]]:
+def running(client: Any) -> Any:
     """The tasks running right now on every worker: "what is my cluster doing?".
 
     Works with or without the Watchdog installed; with it, elapsed times count
     from the moment the task started executing and timeouts are shown.
 
     Args:
-        client: a (synchronous) ``distributed.Client``.
+        client: a ``distributed.Client``; with ``Client(asynchronous=True)`` an
+            awaitable of the result is returned, as distributed's own client
+            methods do.
 
     Returns:
         ``{worker address: [task, ...]}``, longest-running first; each task is
@@ -536,6 +543,7 @@ def running(client: Any) -> dict[str, list[dict[str, Any]]]:
         list of ``{"filename", "lineno", "name", "line"}``, outermost frame
         first.
     """
+    # client.run itself answers an awaitable for an asynchronous client.
     return client.run(_running_on)
 
 

@@ -8,7 +8,9 @@ import time
 
 import pytest
 from dask.utils import key_split
+from distributed.utils_test import gen_cluster
 
+import catalog
 from catalog._runtime import UNKNOWN_PREFIX, JsonLinesFile, prefix_of
 
 
@@ -65,3 +67,50 @@ def test_close_releases_the_file_when_the_last_flush_fails(tmp_path):
     with pytest.raises(TypeError):
         f.close()
     assert f._fd is None
+
+
+# -- helpers built once for every entry (catalog.entry) --------------------------
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_count_counts_only_beside_the_metrics_entry_with_capped_prefixes(c, s, a):
+    from catalog.entry import count, families_for
+
+    count(a, "sample_things", "Things.", prefix="inc")  # no metrics: nothing
+    assert families_for(a) is None
+    await c.register_plugin(catalog.Metrics(port=0, max_prefixes=1))
+    fam = families_for(a)
+    assert fam is not None
+    count(a, "sample_things", "Things.", prefix="inc")
+    count(a, "sample_things", "Things.", prefix="add", amount=2)  # past the cap
+    count(a, "sample_plain", "Plain.")
+    families = {m.name: m for m in fam.collect()}
+    things = {
+        sample.labels["prefix"]: sample.value
+        for sample in families["dask_catalog_sample_things"].samples
+    }
+    assert things == {"inc": 1, "other": 2}
+    (plain,) = families["dask_catalog_sample_plain"].samples
+    assert plain.value == 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_plugin_on_finds_only_the_active_plugin_of_that_class(c, s, a):
+    from catalog.entry import plugin_on
+    from catalog.tracer import ENTRY, SchedulerTracer, Tracer
+
+    assert plugin_on(a, ENTRY, Tracer) is None
+    await c.register_plugin(catalog.Tracer())
+    assert plugin_on(a, ENTRY, Tracer) is a.plugins["catalog.tracer"]
+    assert plugin_on(a, ENTRY, SchedulerTracer) is None
+    assert plugin_on(object(), ENTRY, Tracer) is None
+
+
+def test_running_states_are_worker_task_states():
+    from typing import get_args
+
+    from distributed.worker_state_machine import TaskStateState
+
+    from catalog.entry import RUNNING_STATES
+
+    assert set(get_args(TaskStateState)) >= RUNNING_STATES
