@@ -121,13 +121,30 @@ def _noop(key: Any = None, start: str = "", finish: str = "", *a: Any, **k: Any)
     return None
 
 
-def _batch(hook: Callable[..., Any], calls: list[Call]) -> float:
-    """Seconds to make every recorded call, one after the other."""
+def _batch(hook: Callable[..., Any], calls: list[Call]) -> tuple[float, float]:
+    """Seconds to make every recorded call, one after the other: (wall, CPU).
+
+    The CPU time of this thread leaves out the time the OS gave the core to
+    another process (the machine is shared): on a loaded machine it is the
+    steadier of the two.
+    """
     gc.collect()
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     for key, start, finish, args, kwargs in calls:
         hook(key, start, finish, *args, **kwargs)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.thread_time() - c0
+
+
+def _add(pair: tuple[float, float], other: tuple[float, float]) -> tuple[float, float]:
+    return pair[0] + other[0], pair[1] + other[1]
+
+
+def _median(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return (
+        statistics.median(s[0] for s in samples),
+        statistics.median(s[1] for s in samples),
+    )
 
 
 def _kwargs(name: str, tmp: str) -> dict[str, Any]:
@@ -233,8 +250,9 @@ async def replay(
     tmp: str,
 ) -> dict[str, Any]:
     classes = plugin_classes(args.plugins)
-    sched_times: dict[str, list[float]] = {"no-op": [], "WorkStealing": []}
-    worker_times: dict[str, list[float]] = {"no-op": []}
+    Times = dict[str, list[tuple[float, float]]]
+    sched_times: Times = {"no-op": [], "WorkStealing": []}
+    worker_times: Times = {"no-op": []}
     worker_calls = sum(len(w.calls) for w in worker_recorders)
     stealing = _Stealing(scheduler, recorder)
 
@@ -260,20 +278,21 @@ async def replay(
             for key in recorder.tasks:
                 scheduler.tasks.pop(key, None)
         # Worker side: each worker's own calls, on that worker.
-        worker_times["no-op"].append(
-            sum(_batch(_noop, w.calls) for w in worker_recorders)
-        )
+        noop = (0.0, 0.0)
+        for w in worker_recorders:
+            noop = _add(noop, _batch(_noop, w.calls))
+        worker_times["no-op"].append(noop)
         for name, roles in classes.items():
             cls = roles.get("worker")
             if cls is None:
                 continue
-            took = 0.0
+            took = (0.0, 0.0)
             for worker, wr in zip(workers, worker_recorders, strict=True):
                 worker.state.tasks.update(wr.tasks)
                 plugin = cls(**_kwargs(name, tmp))
                 await _call(plugin.setup(worker=worker))
                 try:
-                    took += _batch(plugin.transition, wr.calls)
+                    took = _add(took, _batch(plugin.transition, wr.calls))
                 finally:
                     await _call(plugin.teardown(worker=worker))
                     for key in wr.tasks:
@@ -283,42 +302,49 @@ async def replay(
         "tasks": tasks,
         "scheduler_calls": len(recorder.calls),
         "worker_calls": worker_calls,
-        "scheduler": {n: statistics.median(v) for n, v in sched_times.items()},
-        "worker": {n: statistics.median(v) for n, v in worker_times.items()},
+        "repeats": args.repeats,
+        "scheduler": {n: _median(v) for n, v in sched_times.items()},
+        "worker": {n: _median(v) for n, v in worker_times.items()},
     }
 
 
 def report(result: dict[str, Any]) -> None:
     tasks = result["tasks"]
+    print(f"median of {result['repeats']} interleaved batches; no-op subtracted")
     for side, calls in (
         ("scheduler", result["scheduler_calls"]),
         ("worker", result["worker_calls"]),
     ):
         times = result[side]
-        base = times["no-op"]
-        print(f"\n{side}: {calls} recorded calls, {tasks} tasks; no-op batch")
-        print(f"{base * 1e3:.2f} ms ({base / calls * 1e9:.0f} ns per call) subtracted")
+        base_wall, base_cpu = times["no-op"]
+        print(f"\n{side}: {calls} recorded calls, {tasks} tasks; the no-op costs")
+        print(f"{base_wall / calls * 1e9:.0f} ns per call (wall), subtracted below")
         print()
-        print("| plugin | ns per call | us per task |")
-        print("|---|---|---|")
+        print("| plugin | ns per call (wall) | ns per call (CPU) | us per task (CPU) |")
+        print("|---|---|---|---|")
         total = 0.0
-        for name, took in times.items():
+        for name, (wall, cpu) in times.items():
             if name == "no-op":
                 continue
-            net = took - base
+            net_wall, net_cpu = wall - base_wall, cpu - base_cpu
             if name.startswith("catalog."):
-                total += net
-            print(f"| {name} | {net / calls * 1e9:,.0f} | {net / tasks * 1e6:.2f} |")
+                total += net_cpu
+            print(
+                f"| {name} | {net_wall / calls * 1e9:,.0f} "
+                f"| {net_cpu / calls * 1e9:,.0f} | {net_cpu / tasks * 1e6:.2f} |"
+            )
         if side == "scheduler" and "WorkStealing" in times:
-            steal = times["WorkStealing"] - base
+            steal = times["WorkStealing"][1] - base_cpu
             ratio = total / steal if steal > 0 else float("inf")
             print(
-                f"\ncatalog scheduler total vs WorkStealing: "
+                f"\ncatalog scheduler total vs WorkStealing (CPU): "
                 f"{total / tasks * 1e6:.2f} vs {steal / tasks * 1e6:.2f} us per task "
                 f"({ratio:.2f}x)"
             )
         elif side == "worker":
-            print(f"\ncatalog worker total: {total / tasks * 1e6:.2f} us per task")
+            print(
+                f"\ncatalog worker total (CPU): {total / tasks * 1e6:.2f} us per task"
+            )
 
 
 def main() -> None:
