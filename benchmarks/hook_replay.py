@@ -318,7 +318,10 @@ def report(result: dict[str, Any]) -> None:
         times = result[side]
         base_wall, base_cpu = times["no-op"]
         print(f"\n{side}: {calls} recorded calls, {tasks} tasks; the no-op costs")
-        print(f"{base_wall / calls * 1e9:.0f} ns per call (wall), subtracted below")
+        print(
+            f"{base_wall / calls * 1e9:.0f} ns per call (wall), "
+            f"{base_cpu / calls * 1e9:.0f} ns (CPU), subtracted below"
+        )
         print()
         print("| plugin | ns per call (wall) | ns per call (CPU) | us per task (CPU) |")
         print("|---|---|---|---|")
