@@ -123,6 +123,8 @@ _SHARED = frozenset(
 #: Worker states a task computes in, and the states a computed task ends in.
 RUNNING = frozenset({"executing", "long-running", "resumed"})
 FINISHED = frozenset({"memory", "error"})
+#: The empty start -> code map of a finish state not seen yet (never written).
+_NO_CODES: dict[str, int] = {}
 #: Scheduler states shown as stints on the scheduler's tracks.
 SCHEDULER_STINTS = ("waiting", "queued", "no-worker", "processing")
 
@@ -151,7 +153,9 @@ class _Recorder:
     def _start_recording(self, server: Any) -> None:
         s = self.settings
         self._cap = max(1, min(s.capacity, s.max_memory // EVENT_BYTES))
-        self._codes: dict[tuple[str, str], int] = {}
+        # finish -> start -> code: two lookups of interned strings are cheaper
+        # in the hook than building and hashing a (start, finish) tuple.
+        self._codes: dict[str, dict[str, int]] = {}
         self._pairs: list[tuple[str, str]] = []
         self._threads_seen: dict[Any, int] = {}
         self._thread_ids: list[Any] = []
@@ -188,9 +192,10 @@ class _Recorder:
 
     def _code(self, start: str, finish: str) -> int:
         """The small int naming a (start, finish) pair in this ring."""
-        code = self._codes.get((start, finish))
+        by_start = self._codes.setdefault(finish, {})
+        code = by_start.get(start)
         if code is None:
-            code = self._codes[start, finish] = len(self._pairs)
+            code = by_start[start] = len(self._pairs)
             self._pairs.append((start, finish))
         return code
 
@@ -483,7 +488,7 @@ class Tracer(_Recorder, WorkerEntryPlugin):
                 else:  # full: overwrite the oldest, which the deque drops too
                     self._times[n % self._cap] = t
                 self._appended = n + 1
-                code = self._codes.get((start, finish))
+                code = self._codes.get(finish, _NO_CODES).get(start)
                 if code is None:
                     code = self._code(start, finish)
                 self._slots_extend((key, code))
@@ -614,7 +619,7 @@ class SchedulerTracer(_Recorder, SchedulerEntryPlugin):
                 else:  # full: overwrite the oldest, which the deque drops too
                     self._times[n % self._cap] = t
                 self._appended = n + 1
-                code = self._codes.get((start, finish))
+                code = self._codes.get(finish, _NO_CODES).get(start)
                 if code is None:
                     code = self._code(start, finish)
                 worker = kwargs.get("worker")
