@@ -85,6 +85,17 @@ def timed(registry: CollectorRegistry, scrapes: int) -> tuple[float, int]:
     return statistics.median(times), size
 
 
+def by_family(registry: CollectorRegistry) -> dict[str, int]:
+    """Bytes of each family's lines in one scrape (largest first)."""
+    sizes: dict[str, int] = {}
+    family = ""
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith("# HELP "):
+            family = line.split()[2]
+        sizes[family] = sizes.get(family, 0) + len(line) + 1
+    return dict(sorted(sizes.items(), key=lambda item: -item[1]))
+
+
 def scrape(client: Client, prefixes: int, scrapes: int) -> dict:
     """Worker and scheduler /metrics, bare and with every entry's families."""
     cluster = client.cluster
@@ -117,6 +128,7 @@ def scrape(client: Client, prefixes: int, scrapes: int) -> dict:
         ours_s, ours_bytes = timed(only, scrapes)
         out[f"{name}_catalog_ms"] = round(ours_s * 1000, 2)
         out[f"{name}_catalog_bytes"] = ours_bytes
+        out[f"{name}_bytes_by_family"] = by_family(only)
     # The scheduler's dashboard /metrics: distributed's own families plus the
     # catalog's of every server in this process; bare = that minus the latter.
     everything = CollectorRegistry(auto_describe=False)
@@ -125,7 +137,13 @@ def scrape(client: Client, prefixes: int, scrapes: int) -> dict:
     url = f"http://127.0.0.1:{scheduler.http_server.port}/metrics"
     dashboard = [len(urllib.request.urlopen(url, timeout=30).read()) for _ in range(3)]
     out["scheduler_dashboard_bytes"] = dashboard[-1]
-    out["scheduler_dashboard_bare_bytes"] = dashboard[-1] - catalog_bytes
+    bare = out["scheduler_dashboard_bare_bytes"] = dashboard[-1] - catalog_bytes
+    # This process also holds the worker: its families are on the same /metrics
+    # here, not on a scheduler of its own. A scheduler process serves its bare
+    # families plus the scheduler's catalog families.
+    out["scheduler_own_process_vs_bare"] = round(
+        (bare + out["scheduler_catalog_bytes"]) / bare, 2
+    )
     full_s, full_bytes = timed(REGISTRY, scrapes)
     out["whole_process_registry_ms"] = round(full_s * 1000, 2)
     out["whole_process_registry_bytes"] = full_bytes
