@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = REPO.parent / "shared" / "upstream" / "distributed-tests"
 sys.path.insert(0, str(REPO))
 from catalog._registry import builtin_names  # noqa: E402
+from tests.reliability import OtlpSink  # noqa: E402
 
 #: Every built-in entry, from the registry: a new entry is in the job the day it
 #: is added.
@@ -164,42 +165,6 @@ def catalog_env(
     if otel_endpoint:
         env["DASK_CATALOG__OTEL__ENDPOINT"] = otel_endpoint
     return env
-
-
-class OtlpSink:
-    """An OTLP/HTTP receiver on loopback that accepts and counts, so the otel
-    entry exports for real (a down collector would only count failures)."""
-
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests = 0
-        self.bytes = 0
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                sink.requests += 1
-                sink.bytes += len(body)
-                # An empty ExportTraceServiceResponse is zero bytes of protobuf.
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def install_certs(tests: Path) -> None:
