@@ -14,8 +14,11 @@ suite's TLS certificates are copied next to the installed ``distributed`` packag
 where ``distributed.utils_test.get_cert`` looks for them.
 
 Each chosen test runs twice: bare, and with the umbrella preload ``catalog`` on the
-scheduler, the workers and the nannies, every entry enabled (env, logging, metrics,
-tracer, memory, watchdog, events) and the tracer writing files. A test that passed
+scheduler, the workers and the nannies, every entry of the registry enabled (all
+11: env, logging, metrics, tracer, memory, watchdog, events, recycle, oom,
+dashboard, otel), each doing real work (``SETTINGS``: the tracer and events
+entries write files, otel exports to a sink on loopback, recycle counts tasks
+against a limit no test reaches). A test that passed
 bare and failed (or errored) with the catalog is a candidate; each candidate is run
 again 3 times each way, interleaved. It is a *difference* when at least 2 of its 3
 catalog reruns fail and the catalog reruns fail more often than the bare ones;
@@ -42,10 +45,25 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = REPO.parent / "shared" / "upstream" / "distributed-tests"
-ENTRIES = [
-    *("env", "logging", "metrics", "tracer", "memory", "watchdog", "events"),
-    *("recycle", "oom", "dashboard", "otel"),
-]
+sys.path.insert(0, str(REPO))
+from catalog._registry import builtin_names  # noqa: E402
+from tests.reliability import OtlpSink  # noqa: E402
+
+#: Every built-in entry, from the registry: a new entry is in the job the day it
+#: is added.
+ENTRIES = list(builtin_names())
+#: Options (beyond the defaults) that make an entry do real work in every test
+#: without changing what the test sees. The defaults already do for env,
+#: logging, metrics (fine metrics included), memory (process-limit 0.9),
+#: watchdog (samples every second), oom (the nanny half) and dashboard (fed by
+#: heartbeats); the tracer writes a file per server (``DASK_CATALOG__TRACER__DIR``)
+#: and the OTLP endpoint is set where the job runs its sink (see ``OtlpSink``).
+#: recycle with no limit is idle, so it counts tasks against a limit no test
+#: reaches; the events entry writes its file.
+SETTINGS = {
+    "DASK_CATALOG__RECYCLE__MAX_TASKS": "1000000000",
+    "DASK_CATALOG__TRACER__FLUSH_INTERVAL": "500ms",
+}
 BAD = {"failed", "error"}
 RERUNS = 3
 #: Seconds a pytest run may take to exit after writing its outcomes.
@@ -122,16 +140,31 @@ EXPECTED = {
 }
 
 
-def catalog_env(trace_dir: str) -> dict[str, str]:
-    """The environment of the catalog pass: every entry on every kind of server."""
+def catalog_env(
+    trace_dir: str, events_file: str | None = None, otel_endpoint: str | None = None
+) -> dict[str, str]:
+    """The environment of the catalog pass: every entry on every kind of server.
+
+    Args:
+        trace_dir: the tracer's folder (a file per server).
+        events_file: the events entry's file, or None for none.
+        otel_endpoint: the otel entry's OTLP/HTTP endpoint, or None for its
+            default (a collector that is down: spans are counted as failed).
+    """
     preload = json.dumps(["catalog"])
-    return {
+    env = {
         "DASK_DISTRIBUTED__SCHEDULER__PRELOAD": preload,
         "DASK_DISTRIBUTED__WORKER__PRELOAD": preload,
         "DASK_DISTRIBUTED__NANNY__PRELOAD": preload,
         "DASK_CATALOG__ENABLE": json.dumps(ENTRIES),
         "DASK_CATALOG__TRACER__DIR": trace_dir,
+        **SETTINGS,
     }
+    if events_file:
+        env["DASK_CATALOG__EVENTS__FILE"] = events_file
+    if otel_endpoint:
+        env["DASK_CATALOG__OTEL__ENDPOINT"] = otel_endpoint
+    return env
 
 
 def install_certs(tests: Path) -> None:
@@ -274,14 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "selection": selection,
         "entries": ENTRIES,
+        "settings": SETTINGS,
     }
+    sink = OtlpSink()
     with tempfile.TemporaryDirectory(prefix="catalog-compat-") as tmp:
         copy = Path(tmp) / "suite"
         shutil.copytree(tests, copy)
         install_certs(copy)
         trace_dir = Path(tmp) / "traces"
         trace_dir.mkdir()
-        envs = {"bare": {}, "catalog": catalog_env(str(trace_dir))}
+        events_file = Path(tmp) / "events.jsonl"
+        envs = {
+            "bare": {},
+            "catalog": catalog_env(str(trace_dir), str(events_file), sink.endpoint),
+        }
 
         outcomes: dict[str, dict[str, str]] = {}
         for label, env in envs.items():
@@ -301,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"   {summary[label]}", flush=True)
         summary["trace_files"] = len(list(trace_dir.iterdir()))
+        summary["events_lines"] = (
+            len(events_file.read_bytes().splitlines()) if events_file.exists() else 0
+        )
+        summary["otel_exports"] = sink.requests
 
         bare, cat = outcomes["bare"], outcomes["catalog"]
         candidates = sorted(
@@ -328,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 summary["differences" if kind == "difference" else "flaky"][t] = fails
 
+    sink.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"logs and summary.json in {out}")

@@ -445,7 +445,12 @@ class SchedulerOpenTelemetry(_Exporting, SchedulerEntryPlugin):
     ) -> None:
         try:
             if start in WAITS or finish in WAITS:
-                if len(self._records) >= self._cap:
+                # A full queue drops only records that begin following a key: a
+                # record that ends a wait frees the drain thread's state for that
+                # key (dropping it left the key in _since/_stints for good: a
+                # per-key leak while a collector is down or slow). Those records
+                # are at most one per key the drain thread follows.
+                if len(self._records) >= self._cap and start not in WAITS:
                     if self.pipeline is not None:
                         self.pipeline.dropped += 1
                     return

@@ -1,9 +1,10 @@
 """Chaos: workers killed during a computation with every entry on.
 
 A ``dask scheduler`` and three ``dask worker`` processes (with nannies) run with
-``--preload catalog --enable <all>``, the tracer streaming to files every
-``FLUSH`` seconds and the events entry writing its file. While a two-layer
-computation runs, workers ``w0`` and ``w1`` are killed three times, at random
+``--preload catalog --enable <all>`` (every entry of the registry: all 11, otel
+exporting to a sink on loopback, recycle counting tasks), the tracer streaming
+to files every ``FLUSH`` seconds and the events entry writing its file. While a
+two-layer computation runs, workers ``w0`` and ``w1`` are killed three times, at random
 moments: SIGKILL of the worker process, then distributed's own chaos plugin
 ``distributed.chaos.KillWorker`` (``segfault`` mode, then ``sys.exit``), each
 time added to one worker only, so that the nanny's restart ends that chaos.
@@ -33,8 +34,16 @@ import pytest
 from distributed import Client
 from distributed.chaos import KillWorker
 
+from catalog._registry import builtin_names
 from tests.procs import by_value
-from tests.reliability import own_resources, read_json_lines, start_cluster, trace_files
+from tests.reliability import (
+    OtlpSink,
+    installed_entries,
+    own_resources,
+    read_json_lines,
+    start_cluster,
+    trace_files,
+)
 
 #: The tracer's flush interval in this test, and the slack allowed on top of it
 #: for a flush thread that a loaded machine runs late.
@@ -87,11 +96,15 @@ def test_chaos_kills_lose_at_most_the_last_interval(procs, tmp_path):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     print(f"chaos seed {seed}")
+    # otel exports to a sink on loopback, so that its export thread and
+    # connections are live when the kills come; recycle counts every task.
+    sink = OtlpSink()
     cluster = start_cluster(
         procs,
         tmp_path,
         3,
         *("--tracer-flush-interval", f"{FLUSH}s"),
+        *("--otel-endpoint", sink.endpoint, "--recycle-max-tasks", "1000000000"),
         worker_args=("--nthreads", "2"),
         # Kills must not turn the computation into KilledWorker errors.
         scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "100"},
@@ -99,6 +112,9 @@ def test_chaos_kills_lose_at_most_the_last_interval(procs, tmp_path):
     with Client(cluster.address, timeout=60) as client:
         client.wait_for_workers(3, timeout=60)
         assert client.submit(by_value(chaos_work), 0).result() == 1
+        # Every entry of the registry is installed somewhere (scheduler,
+        # workers or nannies): the chaos hits the catalog as a whole.
+        assert set(builtin_names()) <= installed_entries(client)
         names = by_name(client)
         survivor = names["w2"]
         before = {
@@ -145,6 +161,8 @@ def test_chaos_kills_lose_at_most_the_last_interval(procs, tmp_path):
     for proc in reversed(cluster.workers):
         proc.stop()
     cluster.scheduler.stop()
+    sink.close()
+    assert sink.requests > 0
 
     # No catalog thread, file or port was left behind (or lost) on a survivor.
     assert after == before

@@ -120,6 +120,7 @@ def test_catalog_pass_preloads_every_entry_everywhere(tmp_path):
     assert sorted(json.loads(env["DASK_CATALOG__ENABLE"])) == sorted(
         catalog.ENTRY_MODULES
     )
+    assert len(catalog.ENTRY_MODULES) >= 11
     assert env["DASK_CATALOG__TRACER__DIR"] == str(tmp_path)
 
 
@@ -147,3 +148,40 @@ def test_reliability_page_commands_parse():
     for argv in commands:
         args = compat.build_parser().parse_args(argv)
         assert args.set in compat.SETS
+
+
+def test_catalog_pass_settings_are_options_that_parse(tmp_path):
+    # Each setting the job adds names a real option with a value it accepts: a
+    # renamed option would otherwise leave its entry idle without a word.
+    import importlib
+
+    import dask.config
+
+    env = compat.catalog_env(str(tmp_path), str(tmp_path / "e.jsonl"), "http://x:1")
+    assert env["DASK_CATALOG__EVENTS__FILE"] == str(tmp_path / "e.jsonl")
+    assert env["DASK_CATALOG__OTEL__ENDPOINT"] == "http://x:1"
+    given = dask.config.collect_env(
+        {k: v for k, v in env.items() if k.startswith("DASK_CATALOG__")}
+    )["catalog"]
+    given.pop("enable")
+    assert set(given) == {"tracer", "events", "otel", "recycle"}
+    for entry, options in given.items():
+        spec = importlib.import_module(f"catalog.{entry}").ENTRY
+        for name, value in options.items():
+            option = spec.option(name)
+            option.parse(value, spec.env_var(option))
+
+
+def test_otlp_sink_accepts_an_export():
+    import urllib.request
+
+    sink = compat.OtlpSink()
+    try:
+        request = urllib.request.Request(
+            f"{sink.endpoint}/v1/traces", data=b"\x0a\x00", method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+        assert (sink.requests, sink.bytes) == (1, 2)
+    finally:
+        sink.close()

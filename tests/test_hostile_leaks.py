@@ -431,3 +431,37 @@ def test_py_path_preload_on_a_real_worker(procs, tmp_path):
     out = worker.output
     assert "Failed to start preload" not in out
     assert "Duplicated timeseries" not in out and "Traceback" not in out
+
+
+def test_otel_scheduler_forgets_every_key_while_its_collector_is_down():
+    # The scheduler half follows each key through its waits in _since/_stints;
+    # a full queue (collector down, max-queue 5) used to drop the record that
+    # ends a wait, and the key stayed there for good (the soak found ~1 KB per
+    # key). Every followed key must be let go once the tasks are done.
+    pytest.importorskip("opentelemetry.sdk.trace")
+    import asyncio
+
+    from distributed.utils_test import gen_cluster
+
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        endpoint = f"http://{LOOPBACK}:{sock.getsockname()[1]}"  # closed
+
+    @gen_cluster(client=True, nthreads=[(LOOPBACK, 2)], timeout=120)
+    async def run(c, s, a):
+        plugin = catalog.SchedulerOpenTelemetry(endpoint=endpoint, max_queue=5)
+        await c.register_plugin(plugin)
+        plugin = s.plugins["catalog.otel"]
+        for batch in range(5):
+            futures = c.map(lambda x: x + 1, range(batch * 400, batch * 400 + 400))
+            assert len(await c.gather(futures)) == 400
+            del futures
+        # The drain thread converts what is queued every INTERVAL.
+        deadline = time.monotonic() + 60
+        while plugin.pipeline.records and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not plugin.pipeline.records
+        assert plugin.status()["dropped"] > 0  # the queue was full: records dropped
+        return len(plugin._since), len(plugin._stints)
+
+    assert run() == (0, 0)
