@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +19,13 @@ from distributed.core import Status
 
 from catalog._entry import Entry, Option, WorkerEntryPlugin, entry_preload
 from catalog._options import Duration, Size, SizeOrFraction
-from catalog._prom import OTHER, families_for
+from catalog._prom import (
+    OTHER,
+    Families,
+    add_collector,
+    families_for,
+    remove_collector,
+)
 from catalog._runtime import (
     RETRY_INTERVAL,
     Firing,
@@ -261,14 +267,17 @@ class _Running:
     first: bool = True
 
 
-@dataclass(slots=True)
-class _Begun:
-    """A task the transition hook saw start: its RSS then, and who ran alongside."""
-
-    rss: int
-    #: ``_State.begins`` when it started: any other start changes it.
-    seq: int
-    shared: bool
+#: A task the transition hook saw start: the guard's latest RSS reading then,
+#: ``_State.begins`` then (any other start changes it) and whether another task
+#: was running. A plain tuple: building it is the whole cost of a start.
+_Begun = tuple[int, int, bool]
+#: A task the hook saw leave the running states, waiting to be counted: key,
+#: its sampler record (or None), its ``_Begun`` (or None) and whether others ran
+#: alongside it.
+_Ended = tuple[Any, "_Running | None", "_Begun | None", bool]
+#: Least time between two counts of finished tasks by the sampler thread: the
+#: tasks that end meanwhile are counted together, one RSS reading for all.
+FOLD_GAP = 0.002
 
 
 @dataclass(slots=True)
@@ -307,6 +316,14 @@ class _State:
     #: Every task running now, from the transition hook (short ones included).
     begun: dict[Any, _Begun] = field(default_factory=dict)
     begins: int = 0
+    #: Tasks that left the running states, counted by the sampler thread (or
+    #: by a reader) with one RSS reading: the hook itself reads nothing.
+    ended: deque[_Ended] = field(default_factory=deque)
+    #: The latest RSS reading, by the sampler or a count: a start's baseline.
+    mark_rss: int = 0
+    #: Released by the hook when a task ends, to wake the sampler thread.
+    wake: threading.Lock = field(default_factory=threading.Lock)
+    collector: Any = None
     recent: OrderedDict[Any, int] = field(default_factory=OrderedDict)
     prefixes: dict[str, _PrefixStats] = field(default_factory=dict)
     native: dict[int, int] = field(default_factory=dict)
@@ -372,11 +389,14 @@ class MemoryGuard(WorkerEntryPlugin):
                 s.host_min_available, psutil.virtual_memory().total
             ),
         )
-        state.last_rss = process.memory_info().rss
+        state.last_rss = state.mark_rss = process.memory_info().rss
+        state.wake.acquire()  # held: the hook releases it to wake the sampler
         # Tasks already running when the guard arrives are measured from now.
         for ts in (*worker.state.executing, *worker.state.long_running):
-            state.begun[ts.key] = _Begun(state.last_rss, 0, True)
+            state.begun[ts.key] = (state.last_rss, 0, True)
         self._state = state
+        state.collector = _FoldCollector(self, worker, state)
+        add_collector(worker, state.collector)
         if state.host_threshold is not None:
             self._hold_distributed_unpause(worker, state)
         state.thread = threading.Thread(
@@ -389,8 +409,11 @@ class MemoryGuard(WorkerEntryPlugin):
         if state is None:
             return
         state.stop.set()
+        _wake(state)
         if state.thread is not None and state.thread is not threading.current_thread():
             state.thread.join(timeout=max(1.0, 4 * state.interval))
+        if state.collector is not None:
+            remove_collector(worker, state.collector)
         state.rss.close()
         manager = getattr(worker, "memory_manager", None)
         if state.pause_hook is not None and manager is not None:
@@ -435,6 +458,7 @@ class MemoryGuard(WorkerEntryPlugin):
         state: _State | None = getattr(self, "_state", None)
         if state is None:
             return None
+        self._fold(self.server, state)
         with state.lock:
             rec = state.by_key.get(key)
             if rec is not None:
@@ -446,6 +470,7 @@ class MemoryGuard(WorkerEntryPlugin):
         state: _State | None = getattr(self, "_state", None)
         if state is None:
             return {}
+        self._fold(self.server, state)
         with state.lock:
             return {p: st.as_dict() for p, st in state.prefixes.items()}
 
@@ -454,6 +479,7 @@ class MemoryGuard(WorkerEntryPlugin):
         state: _State | None = getattr(self, "_state", None)
         if state is None:
             return 0
+        self._fold(self.server, state)
         with state.lock:
             held = (state.prefixes, state.recent, state.by_key, state.begun)
             return sum(sizeof(part) for part in held)
@@ -475,22 +501,34 @@ class MemoryGuard(WorkerEntryPlugin):
 
     # -- hot path --------------------------------------------------------------
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        # One RSS reading when a task starts and one when it ends: a task shorter
-        # than the sampling interval is still measured, and counted, once. A
-        # seceded or cancelled task still runs in its thread: only its leaving
-        # the running states ends its record.
+        # A start records the guard's latest RSS reading and an end queues the
+        # task for the sampler thread, which counts it after one RSS reading
+        # (for every task that ended meanwhile): no system call here, on the
+        # worker's event loop. A seceded or cancelled task still runs in its
+        # thread: only its leaving the running states ends its record.
         if finish in RUNNING_STATES:
             if start not in RUNNING_STATES:
-                state: _State | None = getattr(self, "_state", None)
+                state: _State | None = self.__dict__.get("_state")
                 if state is not None:
                     state.begins += 1
-                    state.begun[key] = _Begun(
-                        state.rss(), state.begins, bool(state.begun)
-                    )
+                    begun = state.begun
+                    begun[key] = (state.mark_rss, state.begins, bool(begun))
         elif start in RUNNING_STATES:
-            state = getattr(self, "_state", None)
-            if state is not None:
-                self._finish(self.server, state, key, state.rss())
+            state = self.__dict__.get("_state")
+            if state is None:
+                return
+            # begun first, then by_key: see _start.
+            begun_rec = state.begun.pop(key, None)
+            rec = state.by_key.pop(key, None)
+            if rec is None and begun_rec is None:
+                return  # ran before the guard was set up
+            shared = begun_rec is not None and (
+                begun_rec[2] or begun_rec[1] != state.begins or bool(state.begun)
+            )
+            if rec is not None and rec.firing is not None:
+                # A failed task: reported, and its interrupt withdrawn, before
+                # its thread runs another task. Rare: counted right here.
+                self._fold(self.server, state, (key, rec, begun_rec, shared))
                 if key in state.fired_keys:
                     # distributed has dropped the task's result message: its
                     # exception, traceback and frames are now garbage.
@@ -498,10 +536,29 @@ class MemoryGuard(WorkerEntryPlugin):
                     if key == state.victim:
                         state.victim_left = True
                     state.collect = True
+                return
+            state.ended.append((key, rec, begun_rec, shared))
+            wake = state.wake
+            if wake.locked():
+                _wake(state)
 
     # -- sampler ------------------------------------------------------------
     def _run(self, worker: Any, state: _State) -> None:
-        while not state.stop.wait(state.interval):
+        due = time.monotonic() + state.interval
+        while not state.stop.is_set():
+            left = due - time.monotonic()
+            if left > 0 and state.wake.acquire(timeout=left):
+                # A task ended: count it (and those ending in the next
+                # FOLD_GAP, together) while its RSS is fresh.
+                try:
+                    self._fold(worker, state)
+                except Exception as exc:
+                    self.report_error("counting finished tasks", exc)
+                state.stop.wait(FOLD_GAP)
+                continue
+            if state.stop.is_set():
+                break
+            due = time.monotonic() + state.interval
             try:
                 self._sample(worker, state)
                 # An interrupt that found its thread outside a safe point is
@@ -529,6 +586,7 @@ class MemoryGuard(WorkerEntryPlugin):
                 state.victim = None
                 state.rearm = state.last_rss
         rss = state.process.memory_info().rss
+        self._fold(worker, state, rss=rss)
         with worker.active_threads_lock:
             active = dict(worker.active_threads)
         delta = rss - (state.last_rss if state.last_rss is not None else rss)
@@ -611,57 +669,93 @@ class MemoryGuard(WorkerEntryPlugin):
                 return  # its transition has already finished it
             state.running[tid] = rec
             state.by_key[key] = rec
+            # The hook takes no lock: it pops begun, then by_key. Had it popped
+            # begun since the check above, it may have missed rec: undo.
+            if key not in state.begun:
+                if state.running.get(tid) is rec:
+                    del state.running[tid]
+                if state.by_key.get(key) is rec:
+                    del state.by_key[key]
 
-    def _finish(self, worker: Any, state: _State, key: Any, rss: int) -> None:
+    def _fold(
+        self,
+        worker: Any,
+        state: _State,
+        one: _Ended | None = None,
+        rss: int | None = None,
+    ) -> None:
+        """Count the tasks that ended (or ``one``), with one RSS reading for all."""
+        ended = state.ended
+        if one is None and not ended:
+            if rss is not None:
+                state.mark_rss = rss
+            return
+        if rss is None:
+            rss = state.rss()
+        state.mark_rss = rss
+        fam = families_for(worker)
+        cancel: list[_Running] = []
+        with state.lock:
+            while ended:
+                self._count(worker, state, *ended.popleft(), rss, fam, cancel)
+            if one is not None:
+                self._count(worker, state, *one, rss, fam, cancel)
+        for rec in cancel:
+            # Left executing by itself (finished inside C code) before the
+            # exception landed: it must not hit the thread's next task.
+            assert rec.firing is not None
+            rec.firing.cancel(worker)
+
+    def _count(
+        self,
+        worker: Any,
+        state: _State,
+        key: Any,
+        rec: _Running | None,
+        begun: _Begun | None,
+        shared: bool,
+        rss: int,
+        fam: Families | None,
+        cancel: list[_Running],
+    ) -> None:
         """Count a task that left the running states, once, in every family.
 
         Its peak is the larger of what the samples attributed to it and its
-        start-to-end RSS growth. That growth is all its own when it ran alone;
-        when others ran alongside, a sampled task keeps its attributed share
-        and a task no sample saw gets the process's growth (flagged shared).
+        RSS growth from the reading before its start to the one after its end.
+        That growth is all its own when it ran alone; when others ran
+        alongside, a sampled task keeps its attributed share and a task no
+        sample saw gets the process's growth (flagged shared). Under the lock.
         """
-        with state.lock:
-            begun = state.begun.pop(key, None)
-            rec = state.by_key.pop(key, None)
-            if rec is None and begun is None:
-                return  # ran before the guard was set up
-            if rec is not None and state.running.get(rec.thread) is rec:
-                del state.running[rec.thread]
-            growth = max(rss - begun.rss, 0) if begun is not None else 0
-            shared = begun is not None and (
-                begun.shared or begun.seq != state.begins or bool(state.begun)
-            )
-            if rec is None:
-                peak, prefix, failed = growth, prefix_of(key), False
-            else:
-                delivered = False
-                if rec.firing is not None:
-                    rec.firing.settle()  # raised after all, though withdrawn
-                    if rec.firing.claim_first_report():
-                        self._report_first(worker, state, rec)
-                    delivered = rec.firing.count > 0
-                shared = shared or rec.shared
-                peak = int(rec.peak) if shared else max(int(rec.peak), growth)
-                prefix, failed = rec.prefix, delivered
-            state.recent[key] = peak
-            if len(state.recent) > RECENT_TASKS:
-                state.recent.popitem(last=False)
-            if not bounded(state.prefixes, prefix, MAX_PREFIXES):
-                state.prefixes_overflow += 1
-                prefix = OTHER
-            stats = state.prefixes.get(prefix)
-            if stats is None:
-                stats = state.prefixes[prefix] = _PrefixStats()
-            stats.count += 1
-            stats.total += peak
-            stats.max = max(stats.max, peak)
-            stats.shared += shared
-            stats.failed += failed
-        if rec is not None and rec.firing is not None:
-            # Left executing by itself (finished inside C code) before the
-            # exception landed: it must not hit the thread's next task.
-            rec.firing.cancel(worker)
-        fam = families_for(worker)
+        if rec is not None and state.running.get(rec.thread) is rec:
+            del state.running[rec.thread]
+        growth = max(rss - begun[0], 0) if begun is not None else 0
+        if rec is None:
+            peak, prefix, failed = growth, prefix_of(key), False
+        else:
+            delivered = False
+            if rec.firing is not None:
+                rec.firing.settle()  # raised after all, though withdrawn
+                if rec.firing.claim_first_report():
+                    self._report_first(worker, state, rec)
+                delivered = rec.firing.count > 0
+                cancel.append(rec)
+            shared = shared or rec.shared
+            peak = int(rec.peak) if shared else max(int(rec.peak), growth)
+            prefix, failed = rec.prefix, delivered
+        state.recent[key] = peak
+        if len(state.recent) > RECENT_TASKS:
+            state.recent.popitem(last=False)
+        if not bounded(state.prefixes, prefix, MAX_PREFIXES):
+            state.prefixes_overflow += 1
+            prefix = OTHER
+        stats = state.prefixes.get(prefix)
+        if stats is None:
+            stats = state.prefixes[prefix] = _PrefixStats()
+        stats.count += 1
+        stats.total += peak
+        stats.max = max(stats.max, peak)
+        stats.shared += shared
+        stats.failed += failed
         if fam is not None:
             fam.histogram(
                 "task_peak_memory_bytes",
@@ -960,6 +1054,29 @@ class MemoryGuard(WorkerEntryPlugin):
             if memory / total > fraction:
                 return  # distributed's own pause holds; its monitor lifts it
         worker.status = Status.running
+
+
+def _wake(state: _State) -> None:
+    """Wake the sampler thread (a task ended, or teardown)."""
+    try:
+        state.wake.release()
+    except RuntimeError:
+        pass  # released already, by another thread just now
+
+
+class _FoldCollector:
+    """Counts the tasks that ended before a scrape reads ``task_peak_memory_bytes``.
+
+    It adds no family of its own: the scrape runs collectors before it reads the
+    server's families (``catalog._prom``).
+    """
+
+    def __init__(self, guard: MemoryGuard, worker: Any, state: _State) -> None:
+        self.guard, self.worker, self.state = guard, worker, state
+
+    def collect(self, fam: Families) -> list[Any]:
+        self.guard._fold(self.worker, self.state)
+        return []
 
 
 def _of_total(value: float | int | None, total: int) -> int | None:
