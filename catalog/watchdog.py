@@ -112,9 +112,9 @@ class TaskTimeoutError(TaskInterrupt):
     reported_as = (TimeoutError,)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
-    """What the watchdog knows about one running task."""
+    """What the watchdog knows about one running task (slots: built per start)."""
 
     start: float
     fail_after: float | None
