@@ -319,12 +319,13 @@ def families_for(server: Any) -> Families | None:
 
 
 def _server_metrics(server: Any, fam: Families) -> Iterator[Metric]:
-    yield from fam.collect()
     with _SERVERS_LOCK:
         found = _COLLECTORS.get(id(server))
         collectors = list(found[1]) if found is not None and found[0] is server else []
-    for collector in collectors:
-        yield from collector.collect(fam)
+    # Collectors first: one may fold pending counts into ``fam`` (memory's).
+    extra = [metric for collector in collectors for metric in collector.collect(fam)]
+    yield from fam.collect()
+    yield from extra
 
 
 def collect_all(servers: Sequence[tuple[Any, Families]]) -> Iterator[Metric]:

@@ -8,7 +8,9 @@ or renamed without a deprecation.
 The one exception, checked by ``tests/test_entry_api.py``: a built-in entry may
 import a private helper module that belongs to it alone and to no other entry
 (``catalog._fine_metrics`` and ``catalog._http`` for metrics, ``catalog._otel``
-for otel, ``catalog._env_cores`` for env, ``catalog._log_format`` for logging);
+for otel, ``catalog._env_cores`` for env, ``catalog._log_format`` for logging,
+``catalog._memory_attribution`` for memory, ``catalog._watchdog_stacks`` for
+watchdog);
 the module's name says whose it is. Metrics, which serves ``/metrics``, may
 use the exposition side of ``catalog._prom`` (attaching families to a server,
 the process collector).

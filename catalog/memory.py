@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,23 +16,36 @@ from dask.sizeof import sizeof
 from dask.utils import format_bytes
 from distributed.core import Status
 
+from catalog._memory_attribution import (
+    HAVE_FAULTS,
+    RESUME_FACTOR,
+    RssReader,
+    _minor_faults,
+    _PrefixStats,
+    host_decision,
+    merge_reports,
+    split_growth,
+)
 from catalog.entry import (
     OTHER,
     RETRY_INTERVAL,
     Duration,
     Entry,
+    Families,
     Firing,
     Option,
     Size,
     SizeOrFraction,
     TaskInterrupt,
     WorkerEntryPlugin,
+    add_collector,
     bounded,
     entry_preload,
     families_for,
     interrupt_options,
     log_worker_event,
     prefix_of,
+    remove_collector,
     run_soon,
 )
 
@@ -65,8 +77,6 @@ RECENT_TASKS = 10_000
 RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
 #: Samples a failed task may take to stop before the guard warns that it has not.
 STILL_RUNNING_SAMPLES = 5
-#: Available host memory must come back above this multiple of the threshold.
-RESUME_FACTOR = 1.25
 #: Distinct prefixes ``report`` keeps per worker; later ones are folded into
 #: ``"other"`` and counted (``prefixes_overflow`` in the status).
 MAX_PREFIXES = 1000
@@ -136,110 +146,6 @@ class TaskMemoryLimitExceeded(TaskInterrupt):
 
 
 # ---------------------------------------------------------------------------
-# Attribution (pure functions, documented in docs/entries/memory.md)
-# ---------------------------------------------------------------------------
-
-
-def split_growth(
-    delta: float,
-    held: Sequence[float],
-    weights: Sequence[float | None],
-) -> list[float]:
-    """Split one sampling interval's RSS change among the tasks that ran in it.
-
-    Args:
-        delta: RSS now minus RSS at the previous sample (bytes).
-        held: each task's attributed growth so far.
-        weights: each task's thread's new page faults in the interval, or None
-            when unknown (not Linux, or the thread's first interval).
-
-    Returns:
-        Each task's share. One task gets all of ``delta``. Growth is split in
-        proportion to page faults (a thread that touches new memory faults it
-        in), unknown weights taking the mean of the known ones, and equally when
-        nothing is known. A drop is split in proportion to what each task holds.
-    """
-    n = len(held)
-    if n == 0:
-        return []
-    if n == 1:
-        return [delta]
-    if delta >= 0:
-        known = [w for w in weights if w is not None]
-        mean = sum(known) / len(known) if known else 1.0
-        parts = [mean if w is None else float(w) for w in weights]
-    else:
-        parts = [max(h, 0.0) for h in held]
-    total = sum(parts)
-    if total <= 0:
-        return [delta / n] * n
-    return [delta * p / total for p in parts]
-
-
-def host_decision(paused: bool, available: int, threshold: int) -> str | None:
-    """``"pause"``, ``"resume"`` or None, with the 1.25x hysteresis."""
-    if not paused and available < threshold:
-        return "pause"
-    if paused and available > RESUME_FACTOR * threshold:
-        return "resume"
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Per-thread page faults (Linux)
-# ---------------------------------------------------------------------------
-
-_TASK_DIR = "/proc/self/task"
-HAVE_FAULTS = os.path.isdir(_TASK_DIR)
-
-
-def _minor_faults(native_id: int) -> int | None:
-    try:
-        with open(f"{_TASK_DIR}/{native_id}/stat", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
-    # Fields after the ")" closing the thread name: state is 3, minflt is 10.
-    return int(text.rsplit(b")", 1)[1].split()[7])
-
-
-class RssReader:
-    """The process's RSS in bytes, the figure of psutil's ``memory_info().rss``.
-
-    The transition hook reads it twice per task, so it must be cheap. On Linux,
-    psutil opens, reads and closes ``/proc/<pid>/statm`` on every call (about
-    95 us on the 2-core CI machine, where opening a /proc file is slow); this
-    keeps the file open and re-reads it with one ``pread`` (about 8 us), the same
-    pages times the same page size. Elsewhere, and if the read ever fails, psutil.
-    """
-
-    def __init__(self, process: psutil.Process) -> None:
-        self.process = process
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-        self.fd: int | None = None
-        if hasattr(os, "pread"):
-            try:
-                self.fd = os.open(f"/proc/{process.pid}/statm", os.O_RDONLY)
-            except OSError:
-                self.fd = None
-
-    def __call__(self) -> int:
-        fd = self.fd
-        if fd is not None:
-            try:
-                return int(os.pread(fd, 256, 0).split()[1]) * self.page
-            except (OSError, IndexError, ValueError):
-                pass
-        return int(self.process.memory_info().rss)
-
-    def close(self) -> None:
-        """Close the kept-open file; later readings fall back to psutil."""
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            os.close(fd)
-
-
-# ---------------------------------------------------------------------------
 # The plugin
 # ---------------------------------------------------------------------------
 
@@ -267,32 +173,17 @@ class _Running:
     first: bool = True
 
 
-@dataclass(slots=True)
-class _Begun:
-    """A task the transition hook saw start: its RSS then, and who ran alongside."""
-
-    rss: int
-    #: ``_State.begins`` when it started: any other start changes it.
-    seq: int
-    shared: bool
-
-
-@dataclass(slots=True)
-class _PrefixStats:
-    count: int = 0
-    total: float = 0.0
-    max: int = 0
-    shared: int = 0
-    failed: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.count,
-            "mean": self.total / self.count if self.count else 0.0,
-            "max": self.max,
-            "shared": self.shared,
-            "failed": self.failed,
-        }
+#: A task the transition hook saw start: the guard's latest RSS reading then,
+#: ``_State.begins`` then (any other start changes it) and whether another task
+#: was running. A plain tuple: building it is the whole cost of a start.
+_Begun = tuple[int, int, bool]
+#: A task the hook saw leave the running states, waiting to be counted: key,
+#: its sampler record (or None), its ``_Begun`` (or None) and whether others ran
+#: alongside it.
+_Ended = tuple[Any, "_Running | None", "_Begun | None", bool]
+#: Least time between two counts of finished tasks by the sampler thread: the
+#: tasks that end meanwhile are counted together, one RSS reading for all.
+FOLD_GAP = 0.002
 
 
 @dataclass
@@ -313,6 +204,14 @@ class _State:
     #: Every task running now, from the transition hook (short ones included).
     begun: dict[Any, _Begun] = field(default_factory=dict)
     begins: int = 0
+    #: Tasks that left the running states, counted by the sampler thread (or
+    #: by a reader) with one RSS reading: the hook itself reads nothing.
+    ended: deque[_Ended] = field(default_factory=deque)
+    #: The latest RSS reading, by the sampler or a count: a start's baseline.
+    mark_rss: int = 0
+    #: Released by the hook when a task ends, to wake the sampler thread.
+    wake: threading.Lock = field(default_factory=threading.Lock)
+    collector: Any = None
     recent: OrderedDict[Any, int] = field(default_factory=OrderedDict)
     prefixes: dict[str, _PrefixStats] = field(default_factory=dict)
     native: dict[int, int] = field(default_factory=dict)
@@ -378,11 +277,14 @@ class MemoryGuard(WorkerEntryPlugin):
                 s.host_min_available, psutil.virtual_memory().total
             ),
         )
-        state.last_rss = process.memory_info().rss
+        state.last_rss = state.mark_rss = process.memory_info().rss
+        state.wake.acquire()  # held: the hook releases it to wake the sampler
         # Tasks already running when the guard arrives are measured from now.
         for ts in (*worker.state.executing, *worker.state.long_running):
-            state.begun[ts.key] = _Begun(state.last_rss, 0, True)
+            state.begun[ts.key] = (state.last_rss, 0, True)
         self._state = state
+        state.collector = _FoldCollector(self, worker, state)
+        add_collector(worker, state.collector)
         if state.host_threshold is not None:
             self._hold_distributed_unpause(worker, state)
         state.thread = threading.Thread(
@@ -395,8 +297,11 @@ class MemoryGuard(WorkerEntryPlugin):
         if state is None:
             return
         state.stop.set()
+        _wake(state)
         if state.thread is not None and state.thread is not threading.current_thread():
             state.thread.join(timeout=max(1.0, 4 * state.interval))
+        if state.collector is not None:
+            remove_collector(worker, state.collector)
         state.rss.close()
         manager = getattr(worker, "memory_manager", None)
         if state.pause_hook is not None and manager is not None:
@@ -441,6 +346,7 @@ class MemoryGuard(WorkerEntryPlugin):
         state: _State | None = getattr(self, "_state", None)
         if state is None:
             return None
+        self._fold(self.server, state)
         with state.lock:
             rec = state.by_key.get(key)
             if rec is not None:
@@ -452,6 +358,7 @@ class MemoryGuard(WorkerEntryPlugin):
         state: _State | None = getattr(self, "_state", None)
         if state is None:
             return {}
+        self._fold(self.server, state)
         with state.lock:
             return {p: st.as_dict() for p, st in state.prefixes.items()}
 
@@ -460,6 +367,7 @@ class MemoryGuard(WorkerEntryPlugin):
         state: _State | None = getattr(self, "_state", None)
         if state is None:
             return 0
+        self._fold(self.server, state)
         with state.lock:
             held = (state.prefixes, state.recent, state.by_key, state.begun)
             return sum(sizeof(part) for part in held)
@@ -481,22 +389,34 @@ class MemoryGuard(WorkerEntryPlugin):
 
     # -- hot path --------------------------------------------------------------
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        # One RSS reading when a task starts and one when it ends: a task shorter
-        # than the sampling interval is still measured, and counted, once. A
-        # seceded or cancelled task still runs in its thread: only its leaving
-        # the running states ends its record.
+        # A start records the guard's latest RSS reading and an end queues the
+        # task for the sampler thread, which counts it after one RSS reading
+        # (for every task that ended meanwhile): no system call here, on the
+        # worker's event loop. A seceded or cancelled task still runs in its
+        # thread: only its leaving the running states ends its record.
         if finish in RUNNING_STATES:
             if start not in RUNNING_STATES:
-                state: _State | None = getattr(self, "_state", None)
+                state: _State | None = self.__dict__.get("_state")
                 if state is not None:
                     state.begins += 1
-                    state.begun[key] = _Begun(
-                        state.rss(), state.begins, bool(state.begun)
-                    )
+                    begun = state.begun
+                    begun[key] = (state.mark_rss, state.begins, bool(begun))
         elif start in RUNNING_STATES:
-            state = getattr(self, "_state", None)
-            if state is not None:
-                self._finish(self.server, state, key, state.rss())
+            state = self.__dict__.get("_state")
+            if state is None:
+                return
+            # begun first, then by_key: see _start.
+            begun_rec = state.begun.pop(key, None)
+            rec = state.by_key.pop(key, None)
+            if rec is None and begun_rec is None:
+                return  # ran before the guard was set up
+            shared = begun_rec is not None and (
+                begun_rec[2] or begun_rec[1] != state.begins or bool(state.begun)
+            )
+            if rec is not None and rec.firing is not None:
+                # A failed task: reported, and its interrupt withdrawn, before
+                # its thread runs another task. Rare: counted right here.
+                self._fold(self.server, state, (key, rec, begun_rec, shared))
                 if key in state.fired_keys:
                     # distributed has dropped the task's result message: its
                     # exception, traceback and frames are now garbage.
@@ -504,10 +424,29 @@ class MemoryGuard(WorkerEntryPlugin):
                     if key == state.victim:
                         state.victim_left = True
                     state.collect = True
+                return
+            state.ended.append((key, rec, begun_rec, shared))
+            wake = state.wake
+            if wake.locked():
+                _wake(state)
 
     # -- sampler ------------------------------------------------------------
     def _run(self, worker: Any, state: _State) -> None:
-        while not state.stop.wait(state.interval):
+        due = time.monotonic() + state.interval
+        while not state.stop.is_set():
+            left = due - time.monotonic()
+            if left > 0 and state.wake.acquire(timeout=left):
+                # A task ended: count it (and those ending in the next
+                # FOLD_GAP, together) while its RSS is fresh.
+                try:
+                    self._fold(worker, state)
+                except Exception as exc:
+                    self.report_error("counting finished tasks", exc)
+                state.stop.wait(FOLD_GAP)
+                continue
+            if state.stop.is_set():
+                break
+            due = time.monotonic() + state.interval
             try:
                 self._sample(worker, state)
                 # An interrupt that found its thread outside a safe point is
@@ -535,6 +474,7 @@ class MemoryGuard(WorkerEntryPlugin):
                 state.victim = None
                 state.rearm = state.last_rss
         rss = state.process.memory_info().rss
+        self._fold(worker, state, rss=rss)
         with worker.active_threads_lock:
             active = dict(worker.active_threads)
         delta = rss - (state.last_rss if state.last_rss is not None else rss)
@@ -617,57 +557,93 @@ class MemoryGuard(WorkerEntryPlugin):
                 return  # its transition has already finished it
             state.running[tid] = rec
             state.by_key[key] = rec
+            # The hook takes no lock: it pops begun, then by_key. Had it popped
+            # begun since the check above, it may have missed rec: undo.
+            if key not in state.begun:
+                if state.running.get(tid) is rec:
+                    del state.running[tid]
+                if state.by_key.get(key) is rec:
+                    del state.by_key[key]
 
-    def _finish(self, worker: Any, state: _State, key: Any, rss: int) -> None:
+    def _fold(
+        self,
+        worker: Any,
+        state: _State,
+        one: _Ended | None = None,
+        rss: int | None = None,
+    ) -> None:
+        """Count the tasks that ended (or ``one``), with one RSS reading for all."""
+        ended = state.ended
+        if one is None and not ended:
+            if rss is not None:
+                state.mark_rss = rss
+            return
+        if rss is None:
+            rss = state.rss()
+        state.mark_rss = rss
+        fam = families_for(worker)
+        cancel: list[_Running] = []
+        with state.lock:
+            while ended:
+                self._count(worker, state, *ended.popleft(), rss, fam, cancel)
+            if one is not None:
+                self._count(worker, state, *one, rss, fam, cancel)
+        for rec in cancel:
+            # Left executing by itself (finished inside C code) before the
+            # exception landed: it must not hit the thread's next task.
+            assert rec.firing is not None
+            rec.firing.cancel(worker)
+
+    def _count(
+        self,
+        worker: Any,
+        state: _State,
+        key: Any,
+        rec: _Running | None,
+        begun: _Begun | None,
+        shared: bool,
+        rss: int,
+        fam: Families | None,
+        cancel: list[_Running],
+    ) -> None:
         """Count a task that left the running states, once, in every family.
 
         Its peak is the larger of what the samples attributed to it and its
-        start-to-end RSS growth. That growth is all its own when it ran alone;
-        when others ran alongside, a sampled task keeps its attributed share
-        and a task no sample saw gets the process's growth (flagged shared).
+        RSS growth from the reading before its start to the one after its end.
+        That growth is all its own when it ran alone; when others ran
+        alongside, a sampled task keeps its attributed share and a task no
+        sample saw gets the process's growth (flagged shared). Under the lock.
         """
-        with state.lock:
-            begun = state.begun.pop(key, None)
-            rec = state.by_key.pop(key, None)
-            if rec is None and begun is None:
-                return  # ran before the guard was set up
-            if rec is not None and state.running.get(rec.thread) is rec:
-                del state.running[rec.thread]
-            growth = max(rss - begun.rss, 0) if begun is not None else 0
-            shared = begun is not None and (
-                begun.shared or begun.seq != state.begins or bool(state.begun)
-            )
-            if rec is None:
-                peak, prefix, failed = growth, prefix_of(key), False
-            else:
-                delivered = False
-                if rec.firing is not None:
-                    rec.firing.settle()  # raised after all, though withdrawn
-                    if rec.firing.claim_first_report():
-                        self._report_first(worker, state, rec)
-                    delivered = rec.firing.count > 0
-                shared = shared or rec.shared
-                peak = int(rec.peak) if shared else max(int(rec.peak), growth)
-                prefix, failed = rec.prefix, delivered
-            state.recent[key] = peak
-            if len(state.recent) > RECENT_TASKS:
-                state.recent.popitem(last=False)
-            if not bounded(state.prefixes, prefix, MAX_PREFIXES):
-                state.prefixes_overflow += 1
-                prefix = OTHER
-            stats = state.prefixes.get(prefix)
-            if stats is None:
-                stats = state.prefixes[prefix] = _PrefixStats()
-            stats.count += 1
-            stats.total += peak
-            stats.max = max(stats.max, peak)
-            stats.shared += shared
-            stats.failed += failed
-        if rec is not None and rec.firing is not None:
-            # Left executing by itself (finished inside C code) before the
-            # exception landed: it must not hit the thread's next task.
-            rec.firing.cancel(worker)
-        fam = families_for(worker)
+        if rec is not None and state.running.get(rec.thread) is rec:
+            del state.running[rec.thread]
+        growth = max(rss - begun[0], 0) if begun is not None else 0
+        if rec is None:
+            peak, prefix, failed = growth, prefix_of(key), False
+        else:
+            delivered = False
+            if rec.firing is not None:
+                rec.firing.settle()  # raised after all, though withdrawn
+                if rec.firing.claim_first_report():
+                    self._report_first(worker, state, rec)
+                delivered = rec.firing.count > 0
+                cancel.append(rec)
+            shared = shared or rec.shared
+            peak = int(rec.peak) if shared else max(int(rec.peak), growth)
+            prefix, failed = rec.prefix, delivered
+        state.recent[key] = peak
+        if len(state.recent) > RECENT_TASKS:
+            state.recent.popitem(last=False)
+        if not bounded(state.prefixes, prefix, MAX_PREFIXES):
+            state.prefixes_overflow += 1
+            prefix = OTHER
+        stats = state.prefixes.get(prefix)
+        if stats is None:
+            stats = state.prefixes[prefix] = _PrefixStats()
+        stats.count += 1
+        stats.total += peak
+        stats.max = max(stats.max, peak)
+        stats.shared += shared
+        stats.failed += failed
         if fam is not None:
             fam.histogram(
                 "task_peak_memory_bytes",
@@ -968,6 +944,29 @@ class MemoryGuard(WorkerEntryPlugin):
         worker.status = Status.running
 
 
+def _wake(state: _State) -> None:
+    """Wake the sampler thread (a task ended, or teardown)."""
+    try:
+        state.wake.release()
+    except RuntimeError:
+        pass  # released already, by another thread just now
+
+
+class _FoldCollector:
+    """Counts the tasks that ended before a scrape reads ``task_peak_memory_bytes``.
+
+    It adds no family of its own: the scrape runs collectors before it reads the
+    server's families (``catalog._prom``).
+    """
+
+    def __init__(self, guard: MemoryGuard, worker: Any, state: _State) -> None:
+        self.guard, self.worker, self.state = guard, worker, state
+
+    def collect(self, fam: Families) -> list[Any]:
+        self.guard._fold(self.worker, self.state)
+        return []
+
+
 def _of_total(value: float | int | None, total: int) -> int | None:
     if value is None:
         return None
@@ -986,25 +985,6 @@ def _worker_report(dask_worker: Any) -> dict[str, dict[str, Any]]:
     if plugin is None or not hasattr(plugin, "prefix_stats"):
         return {}
     return plugin.prefix_stats()
-
-
-def merge_reports(
-    reports: Mapping[str, Mapping[str, Mapping[str, Any]]],
-) -> dict[str, dict[str, Any]]:
-    """Merge per-worker per-prefix stats into one mapping per prefix."""
-    merged: dict[str, dict[str, Any]] = {}
-    for per_prefix in reports.values():
-        for prefix, st in per_prefix.items():
-            out = merged.setdefault(
-                prefix, {"count": 0, "mean": 0.0, "max": 0, "shared": 0, "failed": 0}
-            )
-            total = out["mean"] * out["count"] + st["mean"] * st["count"]
-            out["count"] += st["count"]
-            out["mean"] = total / out["count"] if out["count"] else 0.0
-            out["max"] = max(out["max"], st["max"])
-            out["shared"] += st["shared"]
-            out["failed"] += st["failed"]
-    return dict(sorted(merged.items()))
 
 
 def report(client: Any) -> Any:

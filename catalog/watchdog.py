@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
 from dask.sizeof import sizeof
 from dask.utils import format_time
 
+from catalog._watchdog_stacks import _stack_of, format_stack
+from catalog._watchdog_stacks import _task_frames as _task_frames  # tests use it
 from catalog.entry import (
     RETRY_INTERVAL,
     Duration,
@@ -25,7 +25,6 @@ from catalog.entry import (
     entry_preload,
     families_for,
     interrupt_options,
-    is_task_runner,
     log_worker_event,
     now,
     pending,
@@ -117,52 +116,15 @@ class TaskTimeoutError(TaskInterrupt):
     reported_as = (TimeoutError,)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
-    """What the watchdog knows about one running task."""
+    """What the watchdog knows about one running task (slots: built per start)."""
 
     start: float
     fail_after: float | None
     warned_at: float | None = None
     fired_at: float | None = None
     firing: Firing | None = None
-
-
-def _task_frames(frame: Any, depth: int) -> list[dict[str, Any]]:
-    """The innermost ``depth`` frames of a task, outermost first, as plain dicts.
-
-    Frames from distributed's own task runner outward are left out: the reader
-    wants the user's code.
-    """
-    frames = []
-    for f, lineno in traceback.walk_stack(frame):
-        if is_task_runner(f):
-            break
-        frames.append((f, lineno))
-    summary = traceback.StackSummary.extract(iter(frames), limit=depth)
-    out = [
-        {"filename": fs.filename, "lineno": fs.lineno, "name": fs.name, "line": fs.line}
-        for fs in summary
-    ]
-    out.reverse()
-    return out
-
-
-def _stack_of(thread_id: int, depth: int) -> list[dict[str, Any]]:
-    frame = sys._current_frames().get(thread_id)
-    return [] if frame is None else _task_frames(frame, depth)
-
-
-def format_stack(stack: list[dict[str, Any]]) -> str:
-    """A stack from an event or :func:`running` as traceback-style text."""
-    if not stack:
-        return "  (no Python frames)"
-    lines = []
-    for fs in stack:
-        lines.append(f'  File "{fs["filename"]}", line {fs["lineno"]}, in {fs["name"]}')
-        if fs.get("line"):
-            lines.append(f"    {fs['line']}")
-    return "\n".join(lines)
 
 
 class Watchdog(WorkerEntryPlugin):

@@ -24,8 +24,10 @@ PACKAGE = Path(catalog.__file__).parent
 ENTRY_PRIVATE = {
     "env": {"catalog._env_cores"},
     "logging": {"catalog._log_format"},
+    "memory": {"catalog._memory_attribution"},
     "metrics": {"catalog._fine_metrics", "catalog._http", "catalog._prom"},
     "otel": {"catalog._otel"},
+    "watchdog": {"catalog._watchdog_stacks"},
 }
 
 #: Modules over the size bound that another stream is splitting this round.
