@@ -15,6 +15,7 @@ from distributed.http.utils import RequestHandler
 from distributed.protocol.serialize import Serialized, deserialize
 from tornado import web
 
+from catalog._dashboard_settings import SharedSettings
 from catalog.entry import (
     Duration,
     Entry,
@@ -235,37 +236,6 @@ def _prefixes(scheduler: Any, workers: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-class _SharedSettings:
-    """The workers' entry settings, each distinct one kept once.
-
-    A fleet runs the same settings on every worker: sent once per worker, they
-    were two thirds of ``data.json`` (320 kB at 100 workers). Each worker's
-    entry status names its settings by reference into :attr:`table` instead.
-    """
-
-    def __init__(self) -> None:
-        self.table: dict[str, Any] = {}
-        self._refs: dict[str, str] = {}
-
-    def refer(self, entries: dict[str, Any]) -> dict[str, Any]:
-        """A copy of ``entries`` whose ``options`` are references (``settings``)."""
-        out: dict[str, Any] = {}
-        for name, status in entries.items():
-            if not isinstance(status, dict) or "options" not in status:
-                out[name] = status
-                continue
-            status = dict(status)
-            options = status.pop("options")
-            text = json.dumps(options, sort_keys=True, default=str)
-            ref = self._refs.get(text)
-            if ref is None:
-                ref = self._refs[text] = f"s{len(self._refs)}"
-                self.table[ref] = options
-            status["settings"] = ref
-            out[name] = status
-        return out
-
-
 def data(scheduler: Any) -> dict[str, Any]:
     """Everything the page shows, from the scheduler's own state (no fan-out).
 
@@ -277,7 +247,7 @@ def data(scheduler: Any) -> dict[str, Any]:
     settings = _settings(scheduler)
     workers: dict[str, Any] = {}
     slow: list[dict[str, Any]] = []
-    shared = _SharedSettings()
+    shared = SharedSettings()
     for address, ws in list(scheduler.workers.items()):
         summary = (ws.metrics or {}).get(SUMMARY_KEY)
         info: dict[str, Any] = {"name": str(ws.name)}

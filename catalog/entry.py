@@ -10,7 +10,7 @@ import a private helper module that belongs to it alone and to no other entry
 (``catalog._fine_metrics`` and ``catalog._http`` for metrics, ``catalog._otel``
 for otel, ``catalog._env_cores`` for env, ``catalog._log_format`` for logging,
 ``catalog._memory_attribution`` for memory, ``catalog._watchdog_stacks`` for
-watchdog);
+watchdog, ``catalog._dashboard_settings`` for dashboard);
 the module's name says whose it is. Metrics, which serves ``/metrics``, may
 use the exposition side of ``catalog._prom`` (attaching families to a server,
 the process collector).

@@ -22,6 +22,7 @@ PACKAGE = Path(catalog.__file__).parent
 #: docstring). ``catalog._prom`` is shared, but its exposition side (attaching
 #: families to a server, the process collector) is the metrics entry's own.
 ENTRY_PRIVATE = {
+    "dashboard": {"catalog._dashboard_settings"},
     "env": {"catalog._env_cores"},
     "logging": {"catalog._log_format"},
     "memory": {"catalog._memory_attribution"},
